@@ -1,0 +1,71 @@
+"""Command line: `transformllm <stage> --config PATH [dotted.key=value ...]`.
+
+    transformllm run    --config configs/debug-local.yaml                  # every stage, skipping finished ones
+    transformllm ingest --config configs/debug-local.yaml ingest.chunk_tokens=512
+    transformllm keys                                                       # every config key with its doc
+
+Stages: ingest, convert, pack, train, eval, report, run; plus `plan` (estimate cost) and `keys`. The config
+is loaded and validated before Ray starts: a bad key or value exits with status 2 and one line.
+`python -m jobs.pipeline --config ...` is the same code path (used by `ray job submit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from transformllm_ray.config import STAGES, ConfigError, describe, load_config
+
+COMMANDS = (*STAGES, "run", "plan", "keys")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="transformllm", description="Raw domain corpus -> domain-adapted LLM, on Ray.")
+    p.add_argument("stage", choices=COMMANDS, help="stage to run (run = all stages in order)")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
+    return p
+
+
+def run_stages(cfg, stages) -> dict:
+    from transformllm_ray.runtime import ray_session
+    from transformllm_ray.stage import run_stage
+
+    results = {}
+    with ray_session(cfg):
+        for s in stages:
+            results[s] = run_stage(cfg, s)
+    return results
+
+
+def main(argv: list[str] | None = None, default_stage: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if default_stage and (not argv or argv[0] not in COMMANDS):
+        argv = [default_stage, *argv]
+    args = build_parser().parse_args(argv)
+    if args.stage == "keys":
+        for key, default, doc in describe():
+            print(f"{key} = {default}\n    {doc}")
+        return 0
+    if not args.config:
+        print("transformllm: error: --config is required", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"transformllm: config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.stage == "plan":
+        from transformllm_ray.plan import print_plan
+
+        print_plan(cfg)
+        return 0
+    stages = STAGES if args.stage == "run" else (args.stage,)
+    run_stages(cfg, stages)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
