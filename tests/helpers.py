@@ -10,6 +10,7 @@ def write_config(tmp_path, **sections) -> str:
     data = {"output_dir": str(tmp_path / "out"), "input": {"builtin": "licensedcode"}}
     for k, v in sections.items():
         data[k] = v
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)

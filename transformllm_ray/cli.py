@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None, default_stage: str | None = None) -> int
     argv = list(sys.argv[1:] if argv is None else argv)
     if default_stage and (not argv or argv[0] not in COMMANDS):
         argv = [default_stage, *argv]
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     if args.stage == "keys":
         for key, default, doc in describe():
             print(f"{key} = {default}\n    {doc}")

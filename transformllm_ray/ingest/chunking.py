@@ -30,11 +30,17 @@ class Chunker:
         return [len(e.ids) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def _hard_split(self, text: str) -> list[str]:
-        """Cut at token boundaries (offset mapping) into pieces that re-encode within the bound."""
+        """Cut at token boundaries into pieces that re-encode within the bound, preferring a cut between
+        words (a token that starts at or right after a space) within the last quarter of each window."""
         offsets = self.tok.encode(text, add_special_tokens=False).offsets
+        at_space = [s < len(text) and (text[s].isspace() or (s > 0 and text[s - 1].isspace())) for s, _ in offsets]
         step = max(1, self.max_tokens - 8)  # 8 tokens of slack for re-tokenisation at the cuts
         while True:
-            cuts = [offsets[i][0] for i in range(0, len(offsets), step)][1:]
+            cuts, i = [], step
+            while i < len(offsets):
+                j = next((k for k in range(i, i - step // 4, -1) if at_space[k]), i)
+                cuts.append(offsets[j][0])
+                i = j + step
             bounds = [0] + cuts + [len(text)]
             pieces = [text[a:b] for a, b in zip(bounds, bounds[1:]) if text[a:b].strip()]
             if step == 1 or max(self.count(pieces), default=0) <= self.max_tokens:

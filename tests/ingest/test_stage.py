@@ -1,0 +1,148 @@
+"""Ingest stage end to end on a real local Ray: reject reasons, reconciliation, stable ids, resume after a
+real kill, rerun does nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.helpers import write_config
+from transformllm_ray.config import load_config
+from transformllm_ray.ingest import stage as ingest
+from transformllm_ray.stage import run_stage
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _tables(out):
+    return pq.read_table(f"{out}/ingest/chunks"), pq.read_table(f"{out}/ingest/rejects")
+
+
+@pytest.fixture
+def messy_corpus(tmp_path, legal_texts):
+    """A folder with one file or line for every kind of bad input, around real licence texts."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    good = [t for t in legal_texts if 1000 < len(t) < 4000][:6]
+    lines = [json.dumps({"text": good[0]}), "{broken", json.dumps({"body": good[1]}), "",
+             json.dumps({"text": "Too short."}), json.dumps({"text": good[0]}),  # exact duplicate, same file
+             json.dumps({"text": "x" * 6000})]  # over max_chars below
+    (d / "a.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "\xff\xfe"}\n')
+    (d / "b.jsonl").write_text(json.dumps({"text": good[2]}) + "\n" + json.dumps({"text": good[0]}) + "\n")
+    (d / "c.txt").write_text(good[3])
+    (d / "d.txt").write_bytes(b"\x00\x01ELF" * 300)
+    pq.write_table(pa.table({"text": [good[4], None]}), d / "e.parquet")
+    pq.write_table(pa.table({"content": [good[5]]}), d / "f.parquet")
+    (d / "g.csv").write_text("a,b\n")
+    return d
+
+
+def test_reject_reasons_and_reconciliation(ray_local, tmp_path, messy_corpus):
+    cfg = load_config(write_config(tmp_path, input={"paths": [str(messy_corpus)]},
+                                   ingest={"max_chars": 5000, "chunk_tokens": 256, "shard_bytes": 1}))
+    stats = ingest.run(cfg)
+    chunks, rejects = _tables(cfg.output_dir)
+    reasons = sorted(rejects["reason"].to_pylist())
+    assert reasons == sorted(["invalid_json", "wrong_schema", "empty", "too_short", "duplicate", "too_long",
+                              "non_utf8", "duplicate", "binary", "empty", "wrong_schema", "unsupported_format"])
+    # rows: a.jsonl 8 lines, b.jsonl 2, c.txt 1, d.txt 1, e.parquet 2, f.parquet 1 (file reject), g.csv 1
+    assert stats["rows_in"] == 16
+    assert stats["rows_in"] == stats["rows_out"] + stats["rows_rejected"]
+    assert stats["rows_out"] == len(set(chunks["doc_id"].to_pylist())) == 4
+    assert stats["rows_rejected"] == rejects.num_rows == 12
+    assert max(chunks["n_tokens"].to_pylist()) <= 256
+    # The copy in b.jsonl (another shard) is the rejected one: the first occurrence is kept.
+    dup_refs = [r["ref"] for r in rejects.to_pylist() if r["reason"] == "duplicate"]
+    kept = {s for s in chunks["source"].to_pylist()}
+    assert any(s.endswith("a.jsonl#L000000001") for s in kept)
+    assert not any(s.endswith("b.jsonl#L000000002") for s in kept)
+    assert stats["reject_reasons"]["duplicate"] == 2
+    assert any(r.endswith("a.jsonl#L000000006") for r in dup_refs)
+    assert any(r.endswith("b.jsonl#L000000002") for r in dup_refs)
+    for r in rejects.to_pylist():
+        assert r["stage"] == "ingest" and r["ref"] and len(r["excerpt"]) <= 200
+
+
+def test_ids_are_stable_across_runs_and_paths(ray_local, tmp_path, legal_texts):
+    def run_once(sub):
+        d = tmp_path / sub / "in"
+        d.mkdir(parents=True)
+        (d / "x.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in legal_texts[:30]))
+        cfg = load_config(write_config(tmp_path / sub, input={"paths": [str(d / "*.jsonl")]},
+                                       ingest={"chunk_tokens": 200, "num_actors": 2, "shard_bytes": 1}))
+        ingest.run(cfg)
+        t = pq.read_table(f"{cfg.output_dir}/ingest/chunks").sort_by("id")
+        return t["id"].to_pylist(), t["text"].to_pylist()
+
+    ids1, texts1 = run_once("one")
+    ids2, texts2 = run_once("two")  # another folder, same content: same ids
+    assert ids1 == ids2 and texts1 == texts2
+    assert len(ids1) == len(set(ids1)) > 30
+
+
+def test_rerun_of_finished_stage_does_nothing(ray_local, tmp_path):
+    cfg = load_config(write_config(tmp_path, input={"builtin": "licensedcode", "max_files": 40}))
+    first = run_stage(cfg, "ingest")
+    before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(cfg.output_dir) for p in fs}
+    again = run_stage(cfg, "ingest")
+    after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(cfg.output_dir) for p in fs}
+    assert again == first and before == after
+
+
+def test_changed_config_on_finished_stage_is_refused(ray_local, tmp_path):
+    from transformllm_ray.stage import StageChanged
+
+    path = write_config(tmp_path, input={"builtin": "licensedcode", "max_files": 10})
+    run_stage(load_config(path), "ingest")
+    with pytest.raises(StageChanged, match="different config"):
+        run_stage(load_config(path, ["ingest.chunk_tokens=100"]), "ingest")
+
+
+def test_resume_after_kill_finishes_without_duplicates(ray_local, tmp_path):
+    """kill -9 the whole job mid-stage, rerun the same command: same output as an uninterrupted run."""
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    args = ["input.max_files=300", "ingest.shard_bytes=20000", "ingest.num_actors=1", "ray.num_cpus=2"]
+    path = write_config(tmp_path, input={"builtin": "licensedcode"})
+    cfg = load_config(path, args)
+    cmd = [sys.executable, "-m", "transformllm_ray.cli", "ingest", "--config", path, *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    markers = f"{cfg.output_dir}/ingest/_markers"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = [f for f in os.listdir(markers) if f.endswith(".json")] if os.path.isdir(markers) else []
+        if len(done) >= 3 or proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed: make it slower"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray cluster and actors: a real crash
+    proc.wait()
+    assert not os.path.exists(f"{cfg.output_dir}/ingest/stats.json")
+    n_done = len([f for f in os.listdir(markers) if f.endswith(".json")])
+    n_shards = len(ingest.plan_shards(ingest.list_work_files(cfg), cfg.ingest.shard_bytes))
+    assert 3 <= n_done < n_shards
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"resuming: {n_done}/{n_shards} shards already done" in rerun.stdout
+    chunks, rejects = _tables(cfg.output_dir)
+    ids = chunks["id"].to_pylist()
+    assert len(ids) == len(set(ids))
+    stats = json.load(open(f"{cfg.output_dir}/ingest/stats.json"))
+    assert stats["rows_in"] == 300 == stats["rows_out"] + stats["rows_rejected"]
+    assert stats["chunks_out"] == len(ids)
+
+    # Same ids as an uninterrupted run of the same plan (in-process, on the test session's Ray).
+    clean = load_config(write_config(tmp_path / "clean", input={"builtin": "licensedcode"}), args)
+    ingest.run(clean)
+    ref = pq.read_table(f"{clean.output_dir}/ingest/chunks")
+    assert sorted(ref["id"].to_pylist()) == sorted(ids)
+    assert rejects.num_rows == pq.read_table(f"{clean.output_dir}/ingest/rejects").num_rows

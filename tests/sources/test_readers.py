@@ -1,0 +1,104 @@
+"""Readers: every input record becomes one document or one reject with a reason (no Ray needed)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from transformllm_ray.schema import Reject
+from transformllm_ray.sources.builtin import licensedcode_files, package_doc_files
+from transformllm_ray.sources.readers import RawDoc, WorkFile, detect_format, parse_front_matter, read_file
+
+
+def _read(path, fmt=None, **kw):
+    p = str(path)
+    return list(read_file(WorkFile(p, path.stat().st_size, fmt or detect_format(p)), **kw))
+
+
+def _reasons(recs):
+    return [r.reason for r in recs if isinstance(r, Reject)]
+
+
+def test_jsonl_every_line_is_a_doc_or_a_reject(tmp_path, legal_texts):
+    lines = [
+        json.dumps({"text": legal_texts[0], "court": "x"}).encode(),
+        b"{not json",
+        json.dumps([1, 2]).encode(),
+        json.dumps({"body": "no text field"}).encode(),
+        json.dumps({"text": 42}).encode(),
+        b"",
+        '{"text": "caf\u00e9"}'.encode("latin-1"),  # a Latin-1 byte, not UTF-8
+        json.dumps({"text": legal_texts[1]}).encode(),
+    ]
+    f = tmp_path / "a.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    recs = _read(f)
+    assert len(recs) == len(lines)
+    assert _reasons(recs) == ["invalid_json", "wrong_schema", "wrong_schema", "wrong_schema", "empty", "non_utf8"]
+    docs = [r for r in recs if isinstance(r, RawDoc)]
+    assert [d.text for d in docs] == [legal_texts[0], legal_texts[1]]
+    assert docs[0].metadata == {"court": "x"}
+    assert docs[0].ref.endswith("a.jsonl#L000000001") and docs[1].ref.endswith("#L000000008")
+    assert all(len(r.excerpt) <= 200 for r in recs if isinstance(r, Reject))
+
+
+def test_jsonl_gzip_and_custom_text_field(tmp_path, legal_texts):
+    f = tmp_path / "b.jsonl.gz"
+    f.write_bytes(gzip.compress((json.dumps({"body": legal_texts[2]}) + "\n").encode()))
+    recs = _read(f, text_field="body")
+    assert [type(r) for r in recs] == [RawDoc] and recs[0].text == legal_texts[2]
+
+
+def test_binary_and_non_utf8_files(tmp_path):
+    (tmp_path / "bin.jsonl").write_bytes(b"\x00\x01\x02" * 100)
+    (tmp_path / "bin.txt").write_bytes(b"PK\x03\x04\x00\x00" * 50)
+    (tmp_path / "latin.txt").write_bytes("Licence accord\u00e9e".encode("latin-1"))
+    assert _reasons(_read(tmp_path / "bin.jsonl")) == ["binary"]
+    assert _reasons(_read(tmp_path / "bin.txt")) == ["binary"]
+    assert _reasons(_read(tmp_path / "latin.txt")) == ["non_utf8"]
+
+
+def test_parquet_rows_nulls_and_schema_problems(tmp_path, legal_texts):
+    pq.write_table(pa.table({"text": [legal_texts[0], None, legal_texts[3]], "id": [1, 2, 3]}), tmp_path / "ok.parquet")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nocol.parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "int.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    recs = _read(tmp_path / "ok.parquet")
+    assert _reasons(recs) == ["empty"] and sum(isinstance(r, RawDoc) for r in recs) == 2
+    assert recs[2].ref.endswith("#R000000002") and recs[2].metadata == {"id": 3}
+    assert _reasons(_read(tmp_path / "nocol.parquet")) == ["wrong_schema"]
+    assert _reasons(_read(tmp_path / "int.parquet")) == ["wrong_schema"]
+    assert _reasons(_read(tmp_path / "broken.parquet")) == ["invalid_parquet"]
+
+
+def test_unknown_format_is_a_reject_not_a_crash(tmp_path):
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n")
+    recs = _read(tmp_path / "table.csv")
+    assert _reasons(recs) == ["unsupported_format"]
+
+
+def test_licensedcode_source_skips_deprecated_and_non_english():
+    files = licensedcode_files()
+    assert len(files) > 2000
+    assert all(f.ref.startswith("licensedcode-data==") for f in files)  # machine-independent refs
+    by_name = {f.ref.rsplit("/", 1)[1]: f for f in files}
+    mit = list(read_file(by_name["mit.LICENSE"]))
+    assert isinstance(mit[0], RawDoc) and "Permission is hereby granted" in mit[0].text
+    assert mit[0].metadata["key"] == "mit" and mit[0].metadata["category"] == "Permissive"
+    reasons = {r.reason for f in files[:600] for r in read_file(f) if isinstance(r, Reject)}
+    assert "deprecated" in reasons
+
+
+def test_front_matter_parser():
+    meta, body = parse_front_matter("---\nkey: x\nnotes: |\n    multi\nlanguage: de\n---\n\nBody text\n")
+    assert meta == {"key": "x", "language": "de"} and body.strip() == "Body text"
+
+
+def test_package_docs_source_reads_real_readmes():
+    files = package_doc_files()
+    assert len(files) > 20
+    docs = [r for f in files[:40] for r in read_file(f) if isinstance(r, RawDoc)]
+    assert sum(len(d.text) > 500 for d in docs) > 5
