@@ -232,6 +232,9 @@ class ConvertConfig(Section):
 class PackConfig(Section):
     tokenizer: Optional[str] = None
     """Tokenizer of the model being trained; None = `train.base_model`."""
+    domain_paths: list[str] = []
+    """Domain training text instead of convert/converted/: Parquet files/folders/globs with a `text` column
+    (and optionally `id`, `doc_id`). Empty = the convert stage's output."""
     general_paths: list[str] = []
     """General (non-domain) text mixed in against forgetting: files, folders, globs or URIs as in input."""
     general_builtin: Optional[Literal["package-docs"]] = None
@@ -307,6 +310,12 @@ class TrainConfig(Section):
     """Ray Train FailureConfig.max_failures: worker-group restarts from the last checkpoint."""
     log_every: int = 1
     """Steps between metric logs."""
+    eval_every: int = 50
+    """Steps between validation-loss evaluations on the packed val split (also at the last step); 0 = never.
+    Logged as val_loss in metrics.jsonl and W&B."""
+    eval_batches: int = 8
+    """Micro-batches per worker per evaluation; read once at start and kept in memory, so every evaluation
+    scores the same sequences."""
     peak_tflops: Optional[float] = None
     """Device peak for MFU (dense bf16 TFLOP/s per device); None = looked up by device name (H100 989,
     H200 989, A100 312) or measured on CPU."""
@@ -325,6 +334,16 @@ class TrainConfig(Section):
             raise ValueError("train.betas: must be two numbers in [0, 1)")
         if self.checkpoint_every < 1:
             raise ValueError("train.checkpoint_every: must be >= 1")
+        for k in ("micro_batch_size", "grad_accum_steps", "max_steps", "log_every", "keep_checkpoints",
+                  "eval_batches"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"train.{k}: must be >= 1")
+        if self.warmup_steps < 0 or self.eval_every < 0:
+            raise ValueError("train.warmup_steps and train.eval_every: must be >= 0")
+        if self.cpus_per_worker <= 0:
+            raise ValueError("train.cpus_per_worker: must be > 0")
+        if self.max_failures < -1:
+            raise ValueError("train.max_failures: must be >= 0 (or -1: retry forever)")
         return self
 
 

@@ -1,0 +1,1 @@
+"""Ingest stage: raw shards -> cleaned, de-duplicated, token-bounded chunks (see stage.py)."""
