@@ -1,0 +1,1 @@
+"""Eval stage: perplexity before/after on held-out legal and general text (see stage.py)."""

@@ -1,0 +1,119 @@
+"""Eval stage: perplexity of the base and the trained model on held-out legal text and on general text.
+
+    transformllm eval --config configs/debug-local.yaml
+
+Sets (written by the pack stage): `pack/heldout/` (raw legal chunks of held-out documents: never converted,
+never trained on) and `pack/general_eval/` (held-out general documents: the forgetting check). Each set is
+tokenised with the training tokenizer, joined with EOS and cut into `train.seq_len` windows like training
+data; the first `eval.max_sequences` windows are scored. Both models see exactly the same tokens, so their
+perplexities compare. Each (model, set) pair is a Ray task (a GPU task on GPU clusters), run in parallel.
+
+Optional: `eval.lm_eval_tasks` runs lm-evaluation-harness tasks on both models (needs `pip install lm-eval`
+and the tasks' data available locally; with HF_HUB_OFFLINE=1 nothing is downloaded).
+
+Writes `eval/eval.json` ({set: {model: {ppl, nll, tokens, sequences}}}, deltas) and stats.json.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from transformllm_ray.config import Config
+from transformllm_ray.stage import write_stats
+from transformllm_ray.storage import list_files, read_parquet, write_json_atomic
+
+STAGE = "eval"
+SETS = {"heldout_legal": "heldout", "general": "general_eval"}
+
+
+def eval_windows(cfg: Config, folder: str) -> tuple[list[list[int]], int, int]:
+    """(windows of seq_len token ids, texts read, texts used) for one eval set."""
+    from transformllm_ray.models.assets import load_tokenizer
+
+    files = list_files(f"{cfg.stage_dir('pack')}/{folder}", ".parquet")
+    texts = [t for t in read_parquet(files, columns=["text"])["text"].to_pylist()] if files else []
+    tok = load_tokenizer(cfg.pack_tokenizer)
+    seq, limit = cfg.train.seq_len, cfg.eval.max_sequences
+    windows: list[list[int]] = []
+    buf: list[int] = []
+    used = 0
+    for text in texts:
+        if len(windows) >= limit:
+            break
+        if not text.strip():
+            continue
+        used += 1
+        buf.extend(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        while len(buf) >= seq and len(windows) < limit:
+            windows.append(buf[:seq])
+            buf = buf[seq:]
+    if not windows and buf:
+        windows.append(buf)  # a set shorter than one window is still scored
+    return windows, len(texts), used
+
+
+def score(model_path: str, windows: list[list[int]], batch_size: int) -> dict:
+    """Mean next-token NLL over all predicted tokens; runs where Ray schedules it (GPU if given one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            ids = torch.tensor(windows[i:i + batch_size], device=device)
+            logits = model(input_ids=ids).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                                    ids[:, 1:].reshape(-1), reduction="sum")
+            total += nll.item()
+            count += ids[:, 1:].numel()
+    nll = total / max(count, 1)
+    return {"nll": round(nll, 5), "ppl": round(math.exp(nll), 4), "tokens": count, "sequences": len(windows)}
+
+
+def run_lm_eval(model_path: str, tasks: list[str]) -> dict:
+    try:
+        import lm_eval
+    except ImportError:
+        raise ImportError("eval.lm_eval_tasks needs lm-evaluation-harness: pip install lm-eval") from None
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}", tasks=tasks)
+    return res.get("results", {})
+
+
+def run(cfg: Config) -> dict:
+    import ray
+
+    from transformllm_ray.models.assets import resolve_model
+
+    t0 = time.time()
+    trained = f"{cfg.stage_dir('train')}/model"
+    models = {"base": resolve_model(cfg.train.base_model), "trained": trained}
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    remote_score = ray.remote(num_cpus=1 if gpus else 0.5, num_gpus=gpus)(score)
+
+    windows, rows_in, rows_used = {}, 0, 0
+    for name, folder in SETS.items():
+        w, n_in, n_used = eval_windows(cfg, folder)
+        windows[name] = w
+        rows_in, rows_used = rows_in + n_in, rows_used + n_used
+    futures = {(s, m): remote_score.remote(path, windows[s], cfg.eval.batch_size)
+               for s in SETS for m, path in models.items() if windows[s]}
+    results: dict = {s: {} for s in SETS}
+    for (s, m), f in futures.items():
+        results[s][m] = ray.get(f)
+    for s, r in results.items():
+        if "base" in r and "trained" in r:
+            r["ppl_change_pct"] = round(100 * (r["trained"]["ppl"] / r["base"]["ppl"] - 1), 2)
+    if cfg.eval.lm_eval_tasks:
+        results["lm_eval"] = {m: run_lm_eval(p, cfg.eval.lm_eval_tasks) for m, p in models.items()}
+    results["models"] = models
+    write_json_atomic(f"{cfg.stage_dir(STAGE)}/eval.json", results)
+    summary = {f"{s}_{m}_ppl": results[s][m]["ppl"] for s in SETS for m in models if m in results[s]}
+    return write_stats(cfg, STAGE, {
+        "rows_in": rows_in, "rows_out": rows_used, "rows_rejected": rows_in - rows_used,
+        "reject_reasons": {"beyond_max_sequences_or_empty": rows_in - rows_used} if rows_in > rows_used else {},
+        **summary, "seconds": round(time.time() - t0, 3),
+    })
