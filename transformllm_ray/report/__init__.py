@@ -1,0 +1,1 @@
+"""Report stage: report.md and PNG plots of a run (see stage.py)."""
