@@ -1,0 +1,1 @@
+"""Thin Ray job entry points over transformllm_ray.cli (same code path as the `transformllm` command)."""

@@ -63,6 +63,10 @@ class InputConfig(Section):
     max_files: Optional[int] = None
     """Read only the first N input files in sorted order (a small sample for debug runs); None reads all."""
 
+    expected_tokens: Optional[int] = None
+    """Corpus size in tokens, for `transformllm plan` when the input cannot be listed from where plan runs
+    (e.g. a laptop without the bucket's credentials). Ingest's measured count wins once ingest has run."""
+
     @model_validator(mode="after")
     def _check(self) -> "InputConfig":
         if not self.paths and self.builtin is None:

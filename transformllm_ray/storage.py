@@ -135,7 +135,7 @@ def remove_temporaries(uri: str) -> int:
     return n
 
 
-def _atomic_put(uri: str, data: bytes) -> None:
+def write_bytes_atomic(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     parent = os.path.dirname(path)
     fs.create_dir(parent, recursive=True)
@@ -148,11 +148,11 @@ def _atomic_put(uri: str, data: bytes) -> None:
 def write_parquet_atomic(table: pa.Table, uri: str) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    _atomic_put(uri, buf.getvalue())
+    write_bytes_atomic(uri, buf.getvalue())
 
 
 def write_json_atomic(uri: str, obj: Any) -> None:
-    _atomic_put(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def read_json(uri: str) -> Any:

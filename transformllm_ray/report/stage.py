@@ -17,7 +17,9 @@ import time
 
 from transformllm_ray.config import STAGES, Config
 from transformllm_ray.stage import stats_uri, write_stats
-from transformllm_ray.storage import exists, list_files, read_bytes, read_json, read_parquet, write_json_atomic
+from transformllm_ray.storage import (
+    exists, list_files, read_bytes, read_json, read_parquet, write_bytes_atomic, write_json_atomic,
+)
 
 STAGE = "report"
 
@@ -39,11 +41,15 @@ def _load(cfg: Config) -> dict:
 
 
 def _savefig(fig, path: str) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    import io
+
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())  # local folder or object store, like every other output
     return os.path.basename(path)
 
 
@@ -251,7 +257,6 @@ def run(cfg: Config) -> dict:
     matplotlib.use("Agg")
     t0 = time.time()
     out = cfg.stage_dir(STAGE)
-    os.makedirs(out, exist_ok=True)  # plots are written with matplotlib: local output_dir
     data = _load(cfg)
     images = {
         "accounting": plot_accounting(data["stats"], f"{out}/accounting.png"),
@@ -261,8 +266,7 @@ def run(cfg: Config) -> dict:
         "stage_times": plot_times(data["stats"], f"{out}/stage_times.png"),
     }
     md = render_markdown(cfg, data, images)
-    with open(f"{out}/report.md", "w") as f:
-        f.write(md)
+    write_bytes_atomic(f"{out}/report.md", md.encode())
     write_json_atomic(f"{out}/summary.json", {"stages": data["stats"], "eval": data["eval"],
                                               "images": {k: v for k, v in images.items() if v}})
     n = len(data["stats"])
