@@ -125,7 +125,10 @@ def _read_jsonl(wf: WorkFile, text_field: str, rj) -> Iterator[Record]:
                 yield RawDoc(ref, obj[text_field], _metadata(obj, text_field))
 
 
-def _decode_text_file(wf: WorkFile, data: bytes, rj) -> Union[str, Reject]:
+def _read_whole_text(wf: WorkFile, rj) -> Union[str, Reject]:
+    """A whole file as UTF-8 text, or the reject that says why it is not text."""
+    with _open(wf) as f:
+        data = f.read()
     if looks_binary(data):
         return rj(wf.name, "binary", "NUL or control bytes in the first 8 KiB", data)
     try:
@@ -135,9 +138,7 @@ def _decode_text_file(wf: WorkFile, data: bytes, rj) -> Union[str, Reject]:
 
 
 def _read_text(wf: WorkFile, text_field: str, rj) -> Iterator[Record]:
-    with _open(wf) as f:
-        data = f.read()
-    out = _decode_text_file(wf, data, rj)
+    out = _read_whole_text(wf, rj)
     yield out if isinstance(out, Reject) else RawDoc(wf.name, out, {"file": os.path.basename(wf.uri)})
 
 
@@ -193,9 +194,7 @@ def parse_front_matter(raw: str) -> tuple[dict, str]:
 
 
 def _read_licensedcode(wf: WorkFile, text_field: str, rj) -> Iterator[Record]:
-    with _open(wf) as f:
-        data = f.read()
-    out = _decode_text_file(wf, data, rj)
+    out = _read_whole_text(wf, rj)
     if isinstance(out, Reject):
         yield out
         return
@@ -211,9 +210,7 @@ def _read_licensedcode(wf: WorkFile, text_field: str, rj) -> Iterator[Record]:
 
 def _read_package_doc(wf: WorkFile, text_field: str, rj) -> Iterator[Record]:
     """An installed distribution's METADATA: headers, a blank line, then the long description (README)."""
-    with _open(wf) as f:
-        data = f.read()
-    out = _decode_text_file(wf, data, rj)
+    out = _read_whole_text(wf, rj)
     if isinstance(out, Reject):
         yield out
         return
