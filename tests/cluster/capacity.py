@@ -9,7 +9,8 @@ A cluster is read the way Ray's autoscaler reads it: launcher YAMLs through `pre
 `_derive_autoscaling_config_from_ray_cr` (what the autoscaler sidecar runs on the RayCluster object).
 
 Asks per stage, from the config keys the stages read (transformllm_ray/config.py), on a cluster with GPUs
-(so `auto` devices mean GPU):
+(so `auto` devices mean GPU here; the stages themselves resolve `auto` from the nodes alive at that moment,
+which on a cluster scaled to zero reads as "no GPU": cluster runs name their devices, see cluster/README.md):
     ingest   ingest.num_actors x {CPU: ingest.cpus_per_actor}            fixed actor pool
     convert  vllm engine on GPU: convert.vllm.num_engines x {GPU: tensor_parallel_size, CPU: 1}
              (the engine's GPUs on one node; the CPU is the engine actor's own, an upper bound)
