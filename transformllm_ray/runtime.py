@@ -5,9 +5,11 @@
 
 `ray.address` (config) or $RAY_ADDRESS -> join that cluster (inside `ray job submit` the job's runtime env,
 with its env vars, already reaches every worker). Otherwise a local single-node Ray with `ray.num_cpus`, and
-the variables matching `ray.forward_env` (VLLM_*, WANDB_*, HF_*) passed to workers through the runtime env:
-that is how secrets travel, never through config files. If Ray is already initialised (tests), it is used
-as is.
+the non-secret variables matching `ray.forward_env` (VLLM_*, WANDB_MODE, HF_HUB_OFFLINE, ...) passed to
+workers through the runtime env. Secret ones (WANDB_API_KEY, HF_TOKEN, ...) are *not* put in a runtime env:
+Ray 2.60's runtime-env agent logs runtime envs, values included, in runtime_env_agent.log. Local workers
+inherit them anyway, from the raylet that this process starts. If Ray is already initialised (tests), it is
+used as is.
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import re
 
 from transformllm_ray.config import Config
 
-SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL", "CREDENTIALS")
+# A hint counts as a whole `_`-separated word: WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY are secrets;
+# TOKENIZERS_PARALLELISM is not.
+_SECRET = re.compile(r"(^|_)(" + "|".join(SECRET_HINTS) + r")(_|$)")
+
+
+def is_secret(name: str) -> bool:
+    return bool(_SECRET.search(name.upper()))
 
 
 def forwarded_env(patterns: list[str], environ: dict | None = None) -> dict[str, str]:
@@ -26,9 +36,15 @@ def forwarded_env(patterns: list[str], environ: dict | None = None) -> dict[str,
     return {k: v for k, v in env.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
 
+def split_secrets(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(plain, secret) variables."""
+    secret = {k: v for k, v in env.items() if is_secret(k)}
+    return {k: v for k, v in env.items() if k not in secret}, secret
+
+
 def redact(env: dict[str, str]) -> dict[str, str]:
     """For logs: values of secret-looking variables replaced."""
-    return {k: ("***" if any(h in k.upper() for h in SECRET_HINTS) else v) for k, v in env.items()}
+    return {k: ("***" if is_secret(k) else v) for k, v in env.items()}
 
 
 @contextlib.contextmanager
@@ -42,8 +58,8 @@ def ray_session(cfg: Config):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": forwarded_env(cfg.ray.forward_env)})
+        plain, _secret = split_secrets(forwarded_env(cfg.ray.forward_env))
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": plain})
     try:
         yield
     finally:

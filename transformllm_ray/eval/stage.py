@@ -91,7 +91,11 @@ def run(cfg: Config) -> dict:
     t0 = time.time()
     trained = f"{cfg.stage_dir('train')}/model"
     models = {"base": resolve_model(cfg.train.base_model), "trained": trained}
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    from transformllm_ray.train.stage import use_gpu
+
+    # Same device rule as training (train.use_gpu): "yes" asks for GPUs even when none is up yet, so an
+    # autoscaling cluster scaled to zero brings one up instead of scoring a 7B model on CPUs.
+    gpus = 1 if use_gpu(cfg) else 0
     remote_score = ray.remote(num_cpus=1 if gpus else 0.5, num_gpus=gpus)(score)
 
     windows, rows_in, rows_used = {}, 0, 0
