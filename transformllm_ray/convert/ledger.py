@@ -1,0 +1,114 @@
+"""Exactly-once bookkeeping of the convert stage: what is committed, what is left, atomic commits.
+
+    ledger = Ledger(cfg.stage_dir("convert"), fingerprint)
+    ledger.recover()                       # after a crash: drop uncommitted files and temporaries
+    done, pending = ledger.state()         # chunk ids finished; ids waiting for their retry
+    ledger.commit(converted, rejects, pending_rows, info)
+
+A commit holds up to `convert.rows_per_file` finished chunks. Its key is a hash of the chunk ids it holds
+(plus the pass), and all its files share that key:
+
+    converted/part-<key>.parquet   schema.Converted rows (status ok)
+    rejects/part-<key>.parquet     schema.Reject rows (stage convert, ref = chunk id)
+    pending/part-<key>.parquet     first attempts waiting for their retry (only with convert.retry_rejected)
+    _commits/<key>.json            the commit marker, written LAST: counts, tokens, config fingerprint
+
+Each file is written atomically (temp + rename); a commit counts only once its marker exists. A kill -9 at
+any moment leaves at most one commit's files without a marker: `recover()` deletes them, so their chunks are
+redone, and every other chunk id sits in exactly one committed converted/ or rejects/ file. A chunk in a
+committed pending/ file and in no committed converted/rejects file goes straight to the retry pass on a rerun:
+its first attempt is not redone. Part files never hold an id twice across commits because a chunk is
+committed only once per pass and the retry pass only takes ids that are pending and not done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pyarrow as pa
+
+from transformllm_ray.schema import Converted, Reject, to_table
+from transformllm_ray.stage import StageChanged
+from transformllm_ray.storage import (
+    exists, list_files, makedirs, read_json, read_parquet, remove, remove_temporaries, write_json_atomic,
+    write_parquet_atomic,
+)
+
+PENDING_SCHEMA = pa.schema([pa.field("id", pa.string(), False), pa.field("doc_id", pa.string(), False),
+                            pa.field("text", pa.string(), False), pa.field("tasks", pa.string(), False)])
+"""pending/: the chunk, and its first attempt's task results as JSON (family, answer, status, tokens...)."""
+DIRS = ("converted", "rejects", "pending")
+
+
+def commit_key(ids: list[str], attempt: int) -> str:
+    return hashlib.sha256(f"pass{attempt}\n".encode() + "\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+class Ledger:
+    def __init__(self, out_dir: str, fingerprint: str):
+        self.out = out_dir
+        self.fingerprint = fingerprint
+        self.marker_dir = f"{out_dir}/_commits"
+
+    def _part(self, sub: str, key: str) -> str:
+        return f"{self.out}/{sub}/part-{key}.parquet"
+
+    def markers(self) -> list[dict]:
+        return [read_json(u) for u in list_files(self.marker_dir, ".json")]
+
+    def recover(self) -> int:
+        """Delete temporaries and part files of commits without a marker; refuse a marker of another config.
+        Returns how many uncommitted files were removed."""
+        for d in (self.marker_dir, *(f"{self.out}/{s}" for s in DIRS)):
+            makedirs(d)
+            remove_temporaries(d)
+        keys = set()
+        for m in self.markers():
+            if m.get("fingerprint") != self.fingerprint:
+                raise StageChanged(
+                    f"convert: {self.out} holds work of a different config (fingerprint {m.get('fingerprint')} "
+                    f"!= {self.fingerprint}); use another output_dir, or delete that folder to redo it")
+            keys.add(m["key"])
+        removed = 0
+        for sub in DIRS:
+            for uri in list_files(f"{self.out}/{sub}", ".parquet"):
+                name = os.path.basename(uri)
+                if not (name.startswith("part-") and name[len("part-"):-len(".parquet")] in keys):
+                    remove(uri)
+                    removed += 1
+        return removed
+
+    def _ids(self, sub: str, keys: list[str]) -> set[str]:
+        uris = [self._part(sub, k) for k in keys]
+        uris = [u for u in uris if exists(u)]
+        return set(read_parquet(uris, columns=["id"])["id"].to_pylist()) if uris else set()
+
+    def state(self) -> tuple[set[str], set[str]]:
+        """(ids in committed converted/ or rejects/, ids in committed pending/ that are not done)."""
+        keys = [m["key"] for m in self.markers()]
+        done = self._ids("converted", keys) | self._ids("rejects", keys)
+        return done, self._ids("pending", keys) - done
+
+    def pending_files(self) -> list[str]:
+        uris = [self._part("pending", m["key"]) for m in self.markers()]
+        return [u for u in uris if exists(u)]
+
+    def commit(self, converted: list[dict], rejects: list[dict], pending: list[dict], info: dict) -> str:
+        ids = [r["id"] for r in converted] + [r["ref"] for r in rejects] + [r["id"] for r in pending]
+        assert len(ids) == len(set(ids)), "a chunk appears twice in one commit"
+        key = commit_key(ids, info["attempt"])
+        files = []
+        # Order does not matter for correctness (the marker decides), but rejects first keeps a reader that
+        # ignores markers from ever seeing a converted file whose rejects are missing.
+        for sub, rows, cls in (("rejects", rejects, Reject), ("pending", pending, None),
+                               ("converted", converted, Converted)):
+            if not rows:
+                continue
+            table = to_table(rows, cls) if cls else pa.Table.from_pylist(rows, schema=PENDING_SCHEMA)
+            write_parquet_atomic(table, self._part(sub, key))
+            files.append(sub)
+        write_json_atomic(f"{self.marker_dir}/{key}.json", {
+            "key": key, "fingerprint": self.fingerprint, "files": files, "converted": len(converted),
+            "rejected": len(rejects), "pending": len(pending), **info})
+        return key
