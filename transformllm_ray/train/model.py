@@ -81,7 +81,7 @@ def decoder_blocks(model):
 
 
 def materialize(model, device) -> None:
-    """Allocate the (sharded) parameters on `device` and recompute non-persistent buffers.
+    """Allocate the (sharded) parameters on `device`, recompute non-persistent buffers, keep ties.
 
     `to_empty` leaves every tensor uninitialised, buffers included. Parameters are overwritten by the base
     weights or a checkpoint next; non-persistent buffers (RoPE `inv_freq`) are in neither, so they are
@@ -95,6 +95,11 @@ def materialize(model, device) -> None:
     with torch.no_grad():
         for m in owners:
             model._init_weights(m)
+    # An unsharded model: to_empty gives each module its own new Parameter (meta -> device cannot be swapped
+    # in place), which unties a tie; sharded, FSDP2 owns the one parameter and the tie survives.
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and out is not None and out.weight is not emb.weight:
+        model.tie_weights()
 
 
 def check_tied(model) -> None:

@@ -102,25 +102,23 @@ def check_cpus(cfg: Config, gpu: bool) -> None:
 def worker_env(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
     """(plain env vars, secret env vars) for the training workers, from `ray.forward_env`.
 
-    Plain ones (WANDB_MODE, HF_HUB_OFFLINE, ...) go through the workers' runtime env. Secrets (names with
-    KEY, TOKEN, SECRET, PASSWORD, CREDENTIAL: WANDB_API_KEY, HF_TOKEN) do not: Ray 2.60's runtime-env agent
+    Plain ones (WANDB_MODE, HF_HUB_OFFLINE, ...) go through the workers' runtime env. Secrets (runtime.is_secret:
+    WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...) do not: Ray 2.60's runtime-env agent
     logs every runtime env it creates, values included, at INFO in `<session>/logs/runtime_env_agent.log`.
     They travel through the object store instead (`ray.put` here, `ray.get` in each worker, in memory
     only) and are set in the worker's own environment, where wandb and huggingface_hub read them.
     """
-    from transformllm_ray.runtime import SECRET_HINTS, forwarded_env
+    from transformllm_ray.runtime import forwarded_env, split_secrets
     from transformllm_ray.train.metrics import wandb_mode
 
-    env = forwarded_env(cfg.ray.forward_env)
-    secrets = {k: v for k, v in env.items() if any(h in k.upper() for h in SECRET_HINTS)}
-    plain = {k: v for k, v in env.items() if k not in secrets}
+    plain, secrets = split_secrets(forwarded_env(cfg.ray.forward_env))
     plain["TOKENIZERS_PARALLELISM"] = "false"
     if cfg.train.wandb.mode != "disabled":
         plain["WANDB_MODE"] = wandb_mode(cfg)
     return plain, secrets
 
 
-def build_trainer(cfg: Config, plan, has_val: bool, train_files: list[str], val_files: list[str]):
+def build_trainer(cfg: Config, plan, val_batches: int, train_files: list[str], val_files: list[str]):
     import ray
     import ray.data
     from ray.data import ExecutionOptions
@@ -132,13 +130,13 @@ def build_trainer(cfg: Config, plan, has_val: bool, train_files: list[str], val_
     tc = cfg.train
     gpu = use_gpu(cfg)
     check_cpus(cfg, gpu)
+    # Only the train split streams through Ray Data; the few val rows are read by each worker (data.py).
     datasets = {"train": ray.data.read_parquet(train_files, columns=["input_ids"])}
-    if has_val:
-        datasets["val"] = ray.data.read_parquet(val_files, columns=["input_ids"])
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     plain_env, secrets = worker_env(cfg)
     loop_config = {
-        "cfg": cfg.model_dump(mode="json"), "train_dir": cfg.stage_dir(STAGE), "has_val": has_val,
+        "cfg": cfg.model_dump(mode="json"), "train_dir": cfg.stage_dir(STAGE),
+        "val_files": val_files, "val_batches": val_batches,
         "plan": {"rows": plan.rows, "world": plan.world, "micro_batch": plan.micro_batch, "accum": plan.accum,
                  "seq_len": plan.seq_len},
         "tokenizer": cfg.pack_tokenizer, "fingerprint": stage_fingerprint(cfg, STAGE),
@@ -219,7 +217,8 @@ def run(cfg: Config) -> dict:
     plan = DataPlan(rows=count_rows(train_files), world=max(1, tc.num_workers), micro_batch=tc.micro_batch_size,
                     accum=tc.grad_accum_steps, seq_len=tc.seq_len)
     plan.check()
-    has_val = n_val >= max(1, tc.num_workers) * tc.micro_batch_size
+    # Validation micro-batches per worker: eval_batches, fewer if the val split is small; 0 = no val_loss.
+    val_batches = min(tc.eval_batches, n_val // (plan.world * plan.micro_batch)) if tc.eval_every else 0
 
     existing = list_checkpoints(storage_path(cfg), tc.run_name)
     if existing and tc.resume == "never":
@@ -231,7 +230,7 @@ def run(cfg: Config) -> dict:
           f"{plan.tokens_per_step} tokens/step, {plan.steps_per_epoch} steps/epoch, {tc.max_steps} steps",
           flush=True)
 
-    trainer = build_trainer(cfg, plan, has_val, train_files, val_files)
+    trainer = build_trainer(cfg, plan, val_batches, train_files, val_files)
     trainer.fit()  # raises ray.train.TrainingFailedError once max_failures restarts are spent
 
     train_dir = cfg.stage_dir(STAGE)

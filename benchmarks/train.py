@@ -1,0 +1,169 @@
+"""Train throughput: our Ray Train FSDP2 loop (2 CPU workers) vs a plain single-process torch loop.
+
+    .venv/bin/python -m benchmarks.train [--model builtin:smollm2-135m-instruct] [--seq-len 256] [--steps 12]
+
+Same model (SmolLM2-135M by default, fp32 on CPU), same packed data (licence texts tokenised with the model's
+tokenizer, EOS-joined, cut into seq_len windows), same optimizer and schedule (transformllm_ray.train.optim),
+same global batch: 2 x micro-batch sequences per optimizer step (default 2 x 4 x 256 tokens). The baseline is
+one process with torch on every core, one forward/backward of the whole batch per step, no Ray, no FSDP;
+ours is the train stage itself (Ray Train, 2 workers x 0.5 CPU on a 2-CPU Ray, one torch thread and half
+the batch each, FSDP2 over gloo with the CPU default train.fsdp_reshard=per_step, Ray Data feeding). Both report tokens/s over the steps after the first (the first pays one-off allocations); Ray's
+start-up and teardown are reported separately as wall-clock seconds. Prints one JSON object with the ratio
+ours / baseline (target >= 0.85); record it in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def make_cfg(out: str, model: str, seq_len: int, steps: int, micro_batch: int, extra: dict | None = None):
+    from transformllm_ray.config import config_from_dict
+
+    train = {"base_model": model, "run_name": "bench", "num_workers": 2, "cpus_per_worker": 0.5,
+             "seq_len": seq_len, "micro_batch_size": micro_batch, "grad_accum_steps": 1, "max_steps": steps,
+             "warmup_steps": 1, "lr": 1e-5, "checkpoint_every": 10_000, "eval_every": 0, "wandb": {"mode": "disabled"},
+             **(extra or {})}
+    return config_from_dict({"output_dir": out, "input": {"builtin": "licensedcode"}, "pack": {"tokenizer": model},
+                             "train": train, "ray": {"num_cpus": os.cpu_count()}})
+
+
+def write_packed(cfg, n_seqs: int) -> int:
+    """Licence texts -> EOS-joined seq_len windows in pack/packed/train (+ the pack stats the stage checks)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from transformllm_ray.models.assets import load_tokenizer
+    from transformllm_ray.sources.builtin import licensedcode_files
+    from transformllm_ray.sources.readers import RawDoc, read_file
+    from transformllm_ray.stage import write_stats
+    from transformllm_ray.storage import write_parquet_atomic
+
+    tok = load_tokenizer(cfg.pack_tokenizer)
+    seq_len, ids, docs = cfg.train.seq_len, [], 0
+    for wf in licensedcode_files():
+        for rec in read_file(wf):
+            if isinstance(rec, RawDoc) and len(rec.text) > 500:
+                ids += tok(rec.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                docs += 1
+        if len(ids) >= n_seqs * seq_len:
+            break
+    windows = np.asarray(ids[: n_seqs * seq_len], dtype=np.int32).reshape(n_seqs, seq_len)
+    table = pa.table({"input_ids": pa.array(windows.tolist(), type=pa.list_(pa.int32())),
+                      "sequence": pa.array(np.arange(n_seqs), type=pa.int64())})
+    write_parquet_atomic(table, f"{cfg.stage_dir('pack')}/packed/train/part-00000.parquet")
+    write_stats(cfg, "pack", {"rows_in": docs, "rows_out": docs, "rows_rejected": 0, "seconds": 0.0,
+                              "tokenizer": cfg.pack_tokenizer, "seq_len": seq_len, "eos_token_id": tok.eos_token_id,
+                              "vocab_size": len(tok)})
+    return n_seqs
+
+
+def plain_loop(cfg) -> dict:
+    """The baseline: one process, all cores, the same model, optimizer, schedule and sequences."""
+    import torch
+
+    from transformllm_ray.storage import read_parquet
+    from transformllm_ray.train.model import base_model_folder, build_meta_model, load_base_weights, materialize
+    from transformllm_ray.train.optim import build_optimizer, build_scheduler
+
+    tc = cfg.train
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(cfg.seed)
+    folder = base_model_folder(tc.base_model)
+    model = build_meta_model(folder)
+    materialize(model, torch.device("cpu"))
+    load_base_weights(model, folder)
+    opt, sched = build_optimizer(model, tc), None
+    sched = build_scheduler(opt, tc)
+    rows = read_parquet(f"{cfg.stage_dir('pack')}/packed/train/part-00000.parquet")["input_ids"].to_pylist()
+    batch = 2 * tc.micro_batch_size * tc.grad_accum_steps  # = 2 workers x micro-batch x accumulation
+    times, losses = [], []
+    model.train()
+    for step in range(tc.max_steps):
+        ids = torch.tensor(rows[step * batch:(step + 1) * batch], dtype=torch.long)
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(loss.item())
+        times.append(time.perf_counter() - t)
+    tokens = batch * tc.seq_len
+    steady = times[1:]
+    return {"tokens_per_s": tokens * len(steady) / sum(steady), "first_step_s": times[0], "losses": losses}
+
+
+def ray_stage(cfg) -> dict:
+    from transformllm_ray.train.stage import run
+
+    t = time.time()
+    stats = run(cfg)
+    with open(f"{cfg.stage_dir('train')}/metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    return {"tokens_per_s": stats["tokens_per_s"], "wall_s": time.time() - t, "mfu": stats["mfu"],
+            "peak_flops_source": stats["peak_flops_source"], "peak_mem_gb_rank0": stats["peak_mem_gb"],
+            "step_times": [round(r["step_time_s"], 3) for r in rows], "losses": [r["loss"] for r in rows],
+            "steps_time_s": sum(r["step_time_s"] for r in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per worker per step")
+    ap.add_argument("--train", default="{}", help="JSON of extra train.* settings for our run")
+    args = ap.parse_args()
+
+    import ray
+
+    from transformllm_ray.models.assets import resolve_model
+
+    resolve_model(args.model)  # build the cached model folder outside the timings
+    tmp = tempfile.mkdtemp(prefix="bench-train-")
+    try:
+        cfg = make_cfg(f"{tmp}/out", args.model, args.seq_len, args.steps, args.micro_batch, json.loads(args.train))
+        per_step = 2 * args.micro_batch * cfg.train.grad_accum_steps
+        n = write_packed(cfg, per_step * (args.steps + 1))
+        plain = plain_loop(cfg)
+        print(f"plain: {plain['tokens_per_s']:.1f} tokens/s", flush=True)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+        try:
+            ours = ray_stage(cfg)
+        finally:
+            ray.shutdown()
+        print(f"ray:   {ours['tokens_per_s']:.1f} tokens/s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = {
+        "model": args.model, "seq_len": args.seq_len, "steps": args.steps, "sequences": n,
+        "micro_batch": args.micro_batch, "tokens_per_step": per_step * args.seq_len, "train_overrides": json.loads(args.train),
+        "plain_tokens_per_s": round(plain["tokens_per_s"], 1),
+        "ray_fsdp2_tokens_per_s": round(ours["tokens_per_s"], 1),
+        "ratio_ray_over_plain": round(ours["tokens_per_s"] / plain["tokens_per_s"], 3),
+        "ray_wall_s_incl_startup": round(ours["wall_s"], 1), "ray_steps_s": round(ours["steps_time_s"], 1),
+        "ray_mfu": ours["mfu"], "ray_peak_flops_source": ours["peak_flops_source"],
+        "ray_peak_mem_gb_rank0": round(ours["peak_mem_gb_rank0"], 2), "ray_step_times_s": ours["step_times"],
+        "plain_first_losses": [round(x, 4) for x in plain["losses"][:3]],
+        "ray_first_losses": [round(x, 4) for x in ours["losses"][:3]],
+        "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
