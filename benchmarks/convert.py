@@ -37,6 +37,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+RAY_CPUS = max(4, 2 * (os.cpu_count() or 1))
+"""Logical CPUs of the local Ray: room for a CPU engine holding every core plus Ray Data's file listing and
+prompt actors (convert/vllm_engine.py check_cpus); logical CPUs only reserve, they do not add threads."""
 MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
               "num_key_value_heads": 8, "max_position_embeddings": 32768, "rope_theta": 10000.0,
               "sliding_window": None, "tie_word_embeddings": False}
@@ -72,6 +75,8 @@ def make_cfg(out: str, model: str, args, device: str):
 
     vllm = {"device": device, "max_model_len": 2048, "batch_size": args.batch_size,
             "max_concurrent_batches": args.concurrent_batches, "enforce_eager": device == "cpu",
+            # Ray sets an actor's OMP_NUM_THREADS to its CPUs: a CPU engine gets every core, as bare vLLM has.
+            "cpus_per_engine": float(os.cpu_count() or 1),
             "engine_kwargs": {"load_format": "dummy"} if args.shape else {}}
     return config_from_dict({
         "output_dir": out, "input": {"builtin": "licensedcode", "max_files": args.max_files},
@@ -79,7 +84,7 @@ def make_cfg(out: str, model: str, args, device: str):
         "convert": {"engine": "vllm", "model": model, "max_chunks": args.chunks, "tasks_per_chunk": 2,
                     "rows_per_file": 16, "sampling": {"max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos},
                     "vllm": vllm},
-        "ray": {"num_cpus": os.cpu_count()}})
+        "ray": {"num_cpus": RAY_CPUS}})
 
 
 def stage_prompts(cfg) -> list[list[int]]:
@@ -194,7 +199,7 @@ def main() -> None:
     model = shaped_model(f"{tmp}/model", args.shape) if args.shape else args.model
     model_path = resolve_model(model)
     cfg = make_cfg(f"{tmp}/out", model, args, device)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_"))}})
     try:
         run_stage(cfg, "ingest")

@@ -48,7 +48,7 @@ def test_overrides_and_extends(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text("extends: base.yaml\ntrain:\n  max_steps: 30\n")
     cfg = load_config(child, ["train.lr=1e-5", "input.paths=[a.jsonl, b.jsonl]", "convert.max_chunks=null"])
-    assert cfg.train.lr == 1e-5 and cfg.train.max_steps == 30 and cfg.input.paths == ["a.jsonl", "b.jsonl"]
+    assert cfg.train.lr == 1e-5 and cfg.train.max_steps == 30 and cfg.input.paths == [os.path.abspath("a.jsonl"), os.path.abspath("b.jsonl")]
     assert cfg.convert.max_chunks is None
     with pytest.raises(ConfigError, match="train.max_steps: Input should be a valid integer"):
         load_config(child, ["train.max_steps=abc"])
@@ -76,3 +76,19 @@ def test_cli_stages_are_the_documented_contract():
     from transformllm_ray.cli import COMMANDS
 
     assert COMMANDS[:7] == ("ingest", "convert", "pack", "train", "eval", "report", "run")
+
+
+def test_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
+    """Ray workers run in another working directory: a relative path must not reach them."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({
+        "output_dir": "out/x", "input": {"paths": ["data/*.jsonl", "s3://b/raw/"]},
+        "pack": {"general_paths": ["~/general"], "domain_paths": ["gs://b/d"]},
+        "train": {"storage_path": "ckpt", "resume": "ckpt/run/step-00000010"}})
+    assert cfg.output_dir == str(tmp_path / "out/x")
+    assert cfg.input.paths == [str(tmp_path / "data/*.jsonl"), "s3://b/raw/"]
+    assert cfg.pack.general_paths == [os.path.expanduser("~/general")] and cfg.pack.domain_paths == ["gs://b/d"]
+    assert cfg.train.storage_path == str(tmp_path / "ckpt")
+    assert cfg.train.resume == str(tmp_path / "ckpt/run/step-00000010")
+    assert config_from_dict({"output_dir": "s3://b/o", "input": {"builtin": "licensedcode"}}).output_dir == "s3://b/o"
+    assert config_from_dict({"output_dir": "o", "input": {"builtin": "licensedcode"}}).train.resume == "auto"

@@ -437,6 +437,21 @@ class Config(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     """Cluster connection."""
 
+    @model_validator(mode="after")
+    def _absolute_local_paths(self) -> "Config":
+        # Ray workers do not run in the driver's working directory (a relative output_dir made the training
+        # workers write model/ and metrics where the driver never looked): local paths are resolved once,
+        # here, against the directory of the process that loads the config. URIs are left alone.
+        self.output_dir = local_abspath(self.output_dir)
+        self.input.paths = [local_abspath(p) for p in self.input.paths]
+        self.pack.domain_paths = [local_abspath(p) for p in self.pack.domain_paths]
+        self.pack.general_paths = [local_abspath(p) for p in self.pack.general_paths]
+        if self.train.storage_path:
+            self.train.storage_path = local_abspath(self.train.storage_path)
+        if self.train.resume not in ("auto", "never"):
+            self.train.resume = local_abspath(self.train.resume)
+        return self
+
     # Resolved helpers (not config keys) ---------------------------------------------------------------
     def stage_dir(self, stage: str) -> str:
         return join_uri(self.output_dir, stage)
@@ -453,6 +468,13 @@ class Config(Section):
         """Stable hash of the named sections: a finished stage records it, a rerun compares."""
         data = {s: getattr(self, s).model_dump(mode="json") for s in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def local_abspath(path: str) -> str:
+    """`path` made absolute if it is a local path (`~` expanded); URIs (s3://, gs://, file://...) unchanged."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def join_uri(base: str, *parts: str) -> str:

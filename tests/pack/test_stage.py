@@ -48,7 +48,9 @@ def test_pack_is_deterministic_and_accounts_for_every_token(ingested, tmp_path):
     assert s1["tokens_in"] == s1["tokens_packed"] + s1["waste_tokens"]
     assert s1["waste_tokens"] < 2 * SEQ  # at most one partial window per split
     assert s1["rows_in"] == s1["rows_out"] + s1["rows_rejected"]
-    assert 0.45 <= s1["mix_ratio_achieved"] <= 0.55 + SEQ / max(s1["domain_tokens"], 1) * 20
+    # The document crossing the budget is cut: the token ratio is met to within a token (and the rounding).
+    assert abs(s1["general_tokens"] - 0.5 * s1["domain_tokens"]) <= 1, s1
+    assert s1["mix_ratio_achieved"] == round(s1["general_tokens"] / s1["domain_tokens"], 4)
     assert s1["general_docs"] > 0 and s1["reject_reasons"].get("general_not_needed", 0) > 0
     # A different seed gives a different order of the same documents.
     cfg3, s3 = _pack(ingested, tmp_path, "c", seed=1)

@@ -89,7 +89,10 @@ BUILTINS = {"smollm2-135m-instruct": _build_smollm2}
 def resolve_model(name: str) -> str:
     """Local folder for `builtin:*` names (built on first use); other names unchanged."""
     if not name.startswith(BUILTIN_PREFIX):
-        return os.path.expanduser(name) if name.startswith(("~", ".", "/")) else name
+        # A local folder (as transformers decides: it exists, or it is written as a path) becomes absolute,
+        # so Ray workers in another working directory find it; anything else is a hub name.
+        local = name.startswith(("~", ".", "/")) or os.path.isdir(name)
+        return os.path.abspath(os.path.expanduser(name)) if local else name
     key = name[len(BUILTIN_PREFIX):]
     if key not in BUILTINS:
         raise ValueError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")
