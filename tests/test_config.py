@@ -92,3 +92,11 @@ def test_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
     assert cfg.train.resume == str(tmp_path / "ckpt/run/step-00000010")
     assert config_from_dict({"output_dir": "s3://b/o", "input": {"builtin": "licensedcode"}}).output_dir == "s3://b/o"
     assert config_from_dict({"output_dir": "o", "input": {"builtin": "licensedcode"}}).train.resume == "auto"
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    named = config_from_dict({"output_dir": "o", "input": {"builtin": "licensedcode"},
+                              "convert": {"model": "models/m"}, "train": {"base_model": "./base"},
+                              "pack": {"tokenizer": "org/hub-model"}})
+    assert named.convert.model == str(tmp_path / "models/m")           # an existing local folder
+    assert named.train.base_model == str(tmp_path / "base")            # written as a path
+    assert named.pack.tokenizer == "org/hub-model"                      # a hub name
+    assert config_from_dict({"output_dir": "o", "input": {"builtin": "licensedcode"}}).convert.model.startswith("builtin:")

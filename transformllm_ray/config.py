@@ -450,6 +450,13 @@ class Config(Section):
             self.train.storage_path = local_abspath(self.train.storage_path)
         if self.train.resume not in ("auto", "never"):
             self.train.resume = local_abspath(self.train.resume)
+        # Model and tokenizer names: local folders only (hub names and builtin: names stay as written).
+        self.convert.model = local_model(self.convert.model)
+        self.train.base_model = local_model(self.train.base_model)
+        if self.ingest.tokenizer:
+            self.ingest.tokenizer = local_model(self.ingest.tokenizer)
+        if self.pack.tokenizer:
+            self.pack.tokenizer = local_model(self.pack.tokenizer)
         return self
 
     # Resolved helpers (not config keys) ---------------------------------------------------------------
@@ -471,10 +478,18 @@ class Config(Section):
 
 
 def local_abspath(path: str) -> str:
-    """`path` made absolute if it is a local path (`~` expanded); URIs (s3://, gs://, file://...) unchanged."""
-    if "://" in path:
+    """`path` made absolute if it is a local path (`~` expanded); URIs (s3://, gs://, file://...) and "" unchanged."""
+    if not path or "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def local_model(name: str) -> str:
+    """A model name made absolute when it is a local folder, as transformers decides: written as a path
+    (`./m`, `~/m`, `/m`) or an existing folder. Hub names (`org/model`) and `builtin:` names unchanged."""
+    if name.startswith(("~", ".", "/")) or os.path.isdir(name):
+        return local_abspath(name)
+    return name
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -19,6 +19,7 @@ from tests.helpers import write_config
 from transformllm_ray.config import load_config
 from transformllm_ray.schema import Converted, Reject, arrow_schema
 from transformllm_ray.stage import run_stage
+from transformllm_ray.storage import list_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STATUSES = {"ok", "empty", "too_short", "truncated", "looping", "wrong_language", "engine_error"}
@@ -97,14 +98,14 @@ def test_driver_killed_mid_stage_then_rerun_holds_every_chunk_once(ray_local, tm
     commits = f"{cfg.output_dir}/convert/_commits"
     deadline = time.time() + 300
     while time.time() < deadline:
-        if proc.poll() is not None or (os.path.isdir(commits) and len(os.listdir(commits)) >= 2):
+        if proc.poll() is not None or len(list_files(commits, ".json")) >= 2:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed: make it slower"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(f"{cfg.output_dir}/convert/stats.json")
-    before = {f: os.path.getmtime(f"{commits}/{f}") for f in os.listdir(commits) if f.endswith(".json")}
+    before = {f: os.path.getmtime(f) for f in list_files(commits, ".json")}  # committed markers, no temporaries
     done_before = len(before)
     assert 2 <= done_before < 48
 
@@ -115,7 +116,7 @@ def test_driver_killed_mid_stage_then_rerun_holds_every_chunk_once(ray_local, tm
     assert stats["resumed_done"] == 2 * done_before  # two chunks per commit
     assert f"resuming: {2 * done_before} chunks already done" in rerun.stdout
     # Committed work is not redone: its markers and part files are untouched.
-    assert {f: os.path.getmtime(f"{commits}/{f}") for f in before} == before
+    assert {f: os.path.getmtime(f) for f in before} == before
 
 
 def _engine_pids() -> set[int]:
@@ -141,15 +142,16 @@ def test_killed_engine_actor_is_restarted_and_the_stage_completes(ray_local, tmp
     commits = f"{cfg.output_dir}/convert/_commits"
     deadline = time.time() + 300
     while time.time() < deadline and worker.is_alive():
-        if os.path.isdir(commits) and os.listdir(commits):
+        if list_files(commits, ".json"):
             break
         time.sleep(0.05)
     first = _engine_pids()
     assert worker.is_alive() and len(first) == 1, "the stage finished before its engine could be killed"
-    os.kill(first.pop(), signal.SIGKILL)  # the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    killed = first.pop()
+    os.kill(killed, signal.SIGKILL)  # the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
     restarted = set()
     while worker.is_alive() and not restarted:
-        restarted = _engine_pids()
+        restarted = _engine_pids() - {killed}  # a dying process can still show its title for a moment
         time.sleep(0.05)
     worker.join(timeout=600)
     assert restarted, "no new engine process was started"

@@ -25,6 +25,8 @@ import os
 import shutil
 import tempfile
 
+from transformllm_ray.config import local_model
+
 BUILTIN_PREFIX = "builtin:"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -89,10 +91,7 @@ BUILTINS = {"smollm2-135m-instruct": _build_smollm2}
 def resolve_model(name: str) -> str:
     """Local folder for `builtin:*` names (built on first use); other names unchanged."""
     if not name.startswith(BUILTIN_PREFIX):
-        # A local folder (as transformers decides: it exists, or it is written as a path) becomes absolute,
-        # so Ray workers in another working directory find it; anything else is a hub name.
-        local = name.startswith(("~", ".", "/")) or os.path.isdir(name)
-        return os.path.abspath(os.path.expanduser(name)) if local else name
+        return local_model(name)  # absolute if a local folder, so Ray workers elsewhere find it; else a hub name
     key = name[len(BUILTIN_PREFIX):]
     if key not in BUILTINS:
         raise ValueError(f"unknown builtin model {name!r}; known: {sorted(BUILTINS)}")

@@ -212,14 +212,14 @@ def run(cfg: Config) -> dict:
     tok_general: list[dict] = []
     general_cut = 0
     if general:
-        target = cfg.pack.mix_ratio * domain_tokens
+        budget = int(cfg.pack.mix_ratio * domain_tokens)  # general tokens wanted, EOS included
         tok_all = tokenize(cfg, general)
         have = 0
         for r in tok_all:
-            if have >= target:
+            room = budget - have - 1  # tokens left in the budget, before this document's EOS
+            if room <= 0:
                 rejects.append({"ref": r["id"], "reason": "general_not_needed"})
                 continue
-            room = int(target - have) - 1  # tokens left in the budget, before this document's EOS
             if r["n_tokens"] > room:
                 # Cut the document that crosses the budget to its first `room` tokens: taken whole, one long
                 # README overshot the demo's 1:1 target by 2.3x (the paper's ratio is a token ratio).

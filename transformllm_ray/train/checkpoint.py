@@ -23,6 +23,8 @@ import shutil
 import tempfile
 from typing import Any, Optional
 
+from transformllm_ray.config import local_abspath
+
 STATE_FILE = "trainer_state.json"
 STEP_PREFIX = "step-"
 
@@ -110,4 +112,4 @@ def checkpoint_from(resume: str) -> Optional[object]:
 
     if not exists(f"{resume.rstrip('/')}/{STATE_FILE}"):
         raise FileNotFoundError(f"train.resume: {resume} is not a checkpoint folder (no {STATE_FILE})")
-    return ray.train.Checkpoint(resume if "://" in resume else os.path.abspath(os.path.expanduser(resume)))
+    return ray.train.Checkpoint(local_abspath(resume))
