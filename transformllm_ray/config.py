@@ -294,7 +294,8 @@ class PackConfig(Section):
 # --------------------------------------------------------------------------------------------- train
 class WandbConfig(Section):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    """auto = online when WANDB_API_KEY is set in the environment, else offline (runs under output_dir)."""
+    """auto = WANDB_MODE if set in the environment, else online when WANDB_API_KEY is set, else offline
+    (runs under output_dir)."""
     project: str = "transformllm"
     """W&B project."""
     entity: Optional[str] = None

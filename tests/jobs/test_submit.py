@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,21 +36,40 @@ def _free_port() -> int:
 
 @pytest.fixture
 def head():
-    """A real Ray head on loopback, with this virtualenv first on PATH (the job's `python`)."""
+    """A real Ray head on loopback, with this virtualenv first on PATH (the job's `python`).
+
+    `ray start --block` in its own process group, stopped by signalling that group: `ray stop --force` would
+    also kill the test session's own local Ray (and with it this pytest process, whose driver exits when its
+    GCS dies)."""
+    import urllib.request
+
     tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "RAY_ADDRESS": ""}
     for k in ("WANDB_API_KEY", "HF_TOKEN"):
         env.pop(k, None)
     port, dash = _free_port(), _free_port()
-    subprocess.run([f"{BIN}/ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
-                    f"--temp-dir={tmp}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
-                   timeout=180)
+    proc = subprocess.Popen([f"{BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             "--num-cpus=4", f"--temp-dir={tmp}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        deadline = time.time() + 180
+        while True:  # the job server is up once the dashboard answers
+            assert proc.poll() is None and time.time() < deadline, "ray start --head did not come up"
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(1)
+        yield address, env
     finally:
-        subprocess.run([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -290,13 +290,18 @@ def build_engine(cfg: Config, model_path: str, device: str):
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         placement_group_config=pg,
         log_engine_metrics=False,  # needs a Prometheus export port; the driver records throughput itself
-        runtime_env={"env_vars": env} if env else None,
     )
     proc = build_processor(config, postprocess=QualityGate(cfg.convert.quality.model_dump()),
                            postprocess_map_kwargs={"num_cpus": SMALL_STAGE_CPUS})
     # A dead engine actor (killed, OOM, node lost) is restarted up to max_restarts times; its in-flight
     # batches are retried on the new engine (Ray Data retries actor tasks while restarts remain).
-    proc.get_stage_by_name("vLLMEngineStage").map_batches_kwargs["max_restarts"] = v.max_restarts
+    engine = proc.get_stage_by_name("vLLMEngineStage").map_batches_kwargs
+    engine["max_restarts"] = v.max_restarts
+    # The engine actors' own env vars, as an actor-level runtime env (merged over the job's, these win). Not
+    # the processor's `runtime_env`: ray.data.llm applies that through ray.init(), which fails inside a
+    # submitted job whose runtime env sets the same variable ("Failed to merge the Job's runtime env").
+    if env:
+        engine["runtime_env"] = {"env_vars": env}
     return proc
 
 

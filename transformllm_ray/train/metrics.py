@@ -91,6 +91,9 @@ def wandb_mode(cfg: Config, environ: Optional[dict] = None) -> str:
     env = os.environ if environ is None else environ
     mode = cfg.train.wandb.mode
     if mode == "auto":
+        # W&B's own switch wins when the user set it (WANDB_MODE=offline with a key in the env: offline).
+        if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
+            return env["WANDB_MODE"]
         return "online" if env.get("WANDB_API_KEY") else "offline"
     return mode
 
