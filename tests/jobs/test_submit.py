@@ -80,7 +80,14 @@ def _submit(address: str, env: dict, out: str) -> subprocess.CompletedProcess:
     cmd = [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".",
            "--runtime-env-json", json.dumps(runtime_env), "--",
            "python", "-m", "jobs.pipeline", "--config", "configs/debug-local.yaml", f"output_dir={out}", *SAMPLE]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    for _ in range(30):
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+        # The dashboard answers before its job agent is up (seconds on a loaded 2-core machine); Ray says to
+        # retry, and no job was created.
+        if "No available agent to submit job" not in r.stdout + r.stderr:
+            return r
+        time.sleep(2)
+    return r
 
 
 def _mtimes(root: str) -> dict:
