@@ -49,8 +49,13 @@ def head():
     for k in ("WANDB_API_KEY", "HF_TOKEN"):
         env.pop(k, None)
     port, dash = _free_port(), _free_port()
+    # Every fixed default port moved to a free one: the test session's own local Ray already holds the
+    # defaults (52365 for the dashboard agent: with it taken, the job server answers "No available agent").
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     proc = subprocess.Popen([f"{BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                             f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports,
                              "--num-cpus=4", f"--temp-dir={tmp}", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
