@@ -48,6 +48,20 @@ def redact(env: dict[str, str]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def require_ray_data_cpu(held: float, holder: str, fix: str) -> None:
+    """Refuse a layout whose actors/workers hold `held` CPUs and leave Ray Data less than one whole CPU.
+
+    Ray 2.60 reads Parquet through a `ListFiles` task that asks for 1 CPU (not settable through read_parquet);
+    it cannot start while actors hold the rest, and the stage would hang with no error. `holder` says who holds
+    the CPUs, `fix` what to change; both go into the one-line error."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - held < 1:
+        raise ValueError(f"{holder} hold {held:g} of Ray's {total:g} CPUs and leave Ray Data no whole CPU to "
+                         f"list and read files with (a hang): {fix}")
+
+
 def ray_session(cfg: Config):
     import ray
 

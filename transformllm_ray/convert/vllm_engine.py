@@ -228,22 +228,18 @@ def resolve_device(device: str) -> str:
 
 
 def check_cpus(cfg: Config, device: str) -> None:
-    """Refuse a CPU-engine pipeline that leaves Ray Data no whole CPU: Ray 2.60 plans every file read as a
-    `ListFiles` task that asks for 1 CPU (not settable through read_parquet), and it cannot start while the
-    engine and prompt actors hold the rest: the stage would hang with no error (seen on ray.num_cpus=2:
-    1 engine CPU + 0.1 prompt CPU + 1 listing CPU = 2.1)."""
-    import ray
+    """Refuse a CPU-engine pipeline that leaves Ray Data no whole CPU (seen hanging on ray.num_cpus=2:
+    1 engine CPU + 0.1 prompt CPU + 1 listing CPU = 2.1); runtime.require_ray_data_cpu says why."""
+    from transformllm_ray.runtime import require_ray_data_cpu
 
     if device != "cpu":
         return
     v = cfg.convert.vllm
-    total = ray.cluster_resources().get("CPU", 0)
-    held = v.num_engines * (v.cpus_per_engine + SMALL_STAGE_CPUS)
-    if total - held < 1:
-        raise ValueError(f"convert: {v.num_engines} CPU engine(s) x convert.vllm.cpus_per_engine={v.cpus_per_engine} "
-                         f"(+{SMALL_STAGE_CPUS} per prompt actor) hold {held:g} of Ray's {total:g} CPUs and leave "
-                         "Ray Data no whole CPU to list and read files with (a hang): raise ray.num_cpus (logical "
-                         "CPUs may exceed cores) or lower convert.vllm.cpus_per_engine")
+    require_ray_data_cpu(
+        v.num_engines * (v.cpus_per_engine + SMALL_STAGE_CPUS),
+        f"convert: {v.num_engines} CPU engine(s) x convert.vllm.cpus_per_engine={v.cpus_per_engine} "
+        f"(+{SMALL_STAGE_CPUS} per prompt actor)",
+        "raise ray.num_cpus (logical CPUs may exceed cores) or lower convert.vllm.cpus_per_engine")
 
 
 def engine_kwargs(cfg: Config, device: str) -> dict[str, Any]:

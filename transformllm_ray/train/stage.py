@@ -88,14 +88,13 @@ def use_gpu(cfg: Config) -> bool:
 
 
 def check_cpus(cfg: Config, gpu: bool) -> None:
-    import ray
+    from transformllm_ray.runtime import require_ray_data_cpu
 
     tc = cfg.train
-    total = ray.cluster_resources().get("CPU", 0)
-    held = max(1, tc.num_workers) * tc.cpus_per_worker if tc.num_workers > 0 else 0
-    if not gpu and total - held < 1:
-        raise ValueError(f"train: {max(1, tc.num_workers)} workers x train.cpus_per_worker={tc.cpus_per_worker} "
-                         f"hold {held:g} of Ray's {total:g} CPUs and leave Ray Data none to read with (a hang); "
+    if gpu:
+        return
+    require_ray_data_cpu(max(1, tc.num_workers) * tc.cpus_per_worker if tc.num_workers > 0 else 0,
+                         f"train: {max(1, tc.num_workers)} workers x train.cpus_per_worker={tc.cpus_per_worker}",
                          "lower train.cpus_per_worker (e.g. 0.5) or raise ray.num_cpus")
 
 
