@@ -47,7 +47,6 @@ def redact(env: dict[str, str]) -> dict[str, str]:
     return {k: ("***" if is_secret(k) else v) for k, v in env.items()}
 
 
-@contextlib.contextmanager
 def require_ray_data_cpu(held: float, holder: str, fix: str) -> None:
     """Refuse a layout whose actors/workers hold `held` CPUs and leave Ray Data less than one whole CPU.
 
@@ -62,6 +61,7 @@ def require_ray_data_cpu(held: float, holder: str, fix: str) -> None:
                          f"list and read files with (a hang): {fix}")
 
 
+@contextlib.contextmanager
 def ray_session(cfg: Config):
     import ray
 

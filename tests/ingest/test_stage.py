@@ -123,7 +123,9 @@ def test_resume_after_kill_finishes_without_duplicates(ray_local, tmp_path):
         if len(done) >= 3 or proc.poll() is not None:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be killed: make it slower"
+    if proc.poll() is not None:
+        out = proc.stdout.read().decode(errors="replace")[-3000:]
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be killed: {out}")
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray cluster and actors: a real crash
     proc.wait()
     assert not os.path.exists(f"{cfg.output_dir}/ingest/stats.json")
