@@ -40,10 +40,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 RAY_CPUS = max(4, 2 * (os.cpu_count() or 1))
 """Logical CPUs of the local Ray: room for a CPU engine holding every core plus Ray Data's file listing and
 prompt actors (convert/vllm_engine.py check_cpus); logical CPUs only reserve, they do not add threads."""
-MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-              "num_key_value_heads": 8, "max_position_embeddings": 32768, "rope_theta": 10000.0,
-              "sliding_window": None, "tie_word_embeddings": False}
-"""Mistral-7B-v0.1's config.json shape (vocab from the tokenizer used)."""
 
 
 def gpu() -> bool:
@@ -53,21 +49,6 @@ def gpu() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
-
-
-def shaped_model(dest: str, shape: str) -> str:
-    """A config-only folder: `shape`'s architecture, SmolLM2's tokenizer and chat template, no weights."""
-    from transformers import MistralConfig
-
-    from transformllm_ray.models.assets import load_tokenizer, resolve_model
-
-    assert shape == "mistral-7b", shape
-    tok = load_tokenizer(resolve_model("builtin:smollm2-135m-instruct"))
-    os.makedirs(dest, exist_ok=True)
-    tok.save_pretrained(dest)
-    MistralConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  torch_dtype="bfloat16", **MISTRAL_7B).save_pretrained(dest)
-    return dest
 
 
 def make_cfg(out: str, model: str, args, device: str):
@@ -176,7 +157,7 @@ def run_bare(script: str, spec: dict, tmp: str, name: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    ap.add_argument("--shape", choices=["mistral-7b"], default=None, help="random weights of this shape")
+    ap.add_argument("--shape", choices=["mistral-7b", "mistral-1b"], default=None, help="random weights of this shape")
     ap.add_argument("--chunks", type=int, default=24, help="chunks converted (x2 tasks = prompts)")
     ap.add_argument("--chunk-tokens", type=int, default=400)
     ap.add_argument("--max-files", type=int, default=120)
@@ -190,13 +171,14 @@ def main() -> None:
 
     import ray
 
+    from benchmarks import shapes
     from transformllm_ray.convert.vllm_engine import PromptBuilder, engine_kwargs
     from transformllm_ray.models.assets import resolve_model
     from transformllm_ray.stage import run_stage
 
     device = "cuda" if gpu() else "cpu"
     tmp = tempfile.mkdtemp(prefix="bench-convert-")
-    model = shaped_model(f"{tmp}/model", args.shape) if args.shape else args.model
+    model = shapes.config_folder(f"{tmp}/model", args.shape) if args.shape else args.model
     model_path = resolve_model(model)
     cfg = make_cfg(f"{tmp}/out", model, args, device)
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,

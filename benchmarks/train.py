@@ -1,15 +1,24 @@
-"""Train throughput: our Ray Train FSDP2 loop (2 CPU workers) vs a plain single-process torch loop.
+"""Train throughput: our Ray Train FSDP2 loop vs a plain single-process torch loop, same model and data.
 
-    .venv/bin/python -m benchmarks.train [--model builtin:smollm2-135m-instruct] [--seq-len 256] [--steps 12]
+    .venv/bin/python -m benchmarks.train [--model builtin:smollm2-135m-instruct] [--seq-len 256] [--steps 10]
+    python -m benchmarks.train --shape mistral-1b         # GPU: random 1.1B Mistral-shaped model, bf16, seq 2048
 
-Same model (SmolLM2-135M by default, fp32 on CPU), same packed data (licence texts tokenised with the model's
-tokenizer, EOS-joined, cut into seq_len windows), same optimizer and schedule (transformllm_ray.train.optim),
-same global batch: 2 x micro-batch sequences per optimizer step (default 2 x 4 x 256 tokens). The baseline is
-one process with torch on every core, one forward/backward of the whole batch per step, no Ray, no FSDP;
-ours is the train stage itself (Ray Train, 2 workers x 0.5 CPU on a 2-CPU Ray, one torch thread and half
-the batch each, FSDP2 over gloo with the CPU default train.fsdp_reshard=per_step, Ray Data feeding). Both report tokens/s over the steps after the first (the first pays one-off allocations); Ray's
-start-up and teardown are reported separately as wall-clock seconds. Prints one JSON object with the ratio
-ours / baseline (target >= 0.85); record it in benchmarks/RESULTS.md.
+CPU (the default): SmolLM2-135M, fp32, same packed data (licence texts tokenised with the model's tokenizer,
+EOS-joined, cut into seq_len windows), same optimizer and schedule (transformllm_ray.train.optim), same global
+batch: workers x micro-batch x accumulation sequences per optimizer step (default 2 x 4 x 1 x 256 tokens).
+The baseline is one process with torch on every core, one forward/backward per micro-batch of all workers'
+sequences, no Ray, no FSDP; ours is the train stage itself (Ray Train, 2 workers x 0.5 CPU on a 2-CPU Ray, one
+torch thread and half the batch each, FSDP2 over gloo with the CPU default train.fsdp_reshard=per_step, Ray
+Data feeding).
+
+GPU (`--shape mistral-1b`, or any model with a CUDA device present): one worker on one GPU by default
+(`--workers`), bf16 compute with fp32 master weights (FSDP2's MixedPrecisionPolicy in ours, torch.autocast
+in the baseline), seq 2048, micro-batch 4; the random weights are written once as a bf16 safetensors folder
+(benchmarks/shapes.py). MFU = 6 x params x tokens/s over the GPU's dense bf16 peak (train/metrics.py).
+
+Both report tokens/s over the steps after the first (the first pays one-off allocations); Ray's start-up and
+teardown are reported separately as wall-clock seconds. Prints one JSON object with the ratio ours / baseline
+(target >= 0.85); record it in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,10 +37,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
-def make_cfg(out: str, model: str, seq_len: int, steps: int, micro_batch: int, extra: dict | None = None):
+def make_cfg(out: str, model: str, seq_len: int, steps: int, micro_batch: int, workers: int, cuda: bool,
+             extra: dict | None = None):
     from transformllm_ray.config import config_from_dict
 
-    train = {"base_model": model, "run_name": "bench", "num_workers": 2, "cpus_per_worker": 0.5,
+    # CPU: the cores less one (Ray Data's file listing needs a whole CPU) shared by the workers, at least 0.5
+    # each; the loop runs ceil(cpus_per_worker) torch threads, so 2 workers on 2 cores get one thread each.
+    cpus = 4.0 if cuda else max(0.5, ((os.cpu_count() or 1) - 1) / workers)
+    train = {"base_model": model, "run_name": "bench", "num_workers": workers, "cpus_per_worker": cpus,
+             "use_gpu": "yes" if cuda else "no",
              "seq_len": seq_len, "micro_batch_size": micro_batch, "grad_accum_steps": 1, "max_steps": steps,
              "warmup_steps": 1, "lr": 1e-5, "checkpoint_every": 10_000, "eval_every": 0, "wandb": {"mode": "disabled"},
              **(extra or {})}
@@ -59,6 +73,8 @@ def write_packed(cfg, n_seqs: int) -> int:
                 docs += 1
         if len(ids) >= n_seqs * seq_len:
             break
+    if len(ids) < n_seqs * seq_len:  # a long run at seq 2048: go round the corpus again
+        ids = ids * (n_seqs * seq_len // len(ids) + 1)
     windows = np.asarray(ids[: n_seqs * seq_len], dtype=np.int32).reshape(n_seqs, seq_len)
     table = pa.table({"input_ids": pa.array(windows.tolist(), type=pa.list_(pa.int32())),
                       "sequence": pa.array(np.arange(n_seqs), type=pa.int64())})
@@ -69,41 +85,66 @@ def write_packed(cfg, n_seqs: int) -> int:
     return n_seqs
 
 
-def plain_loop(cfg) -> dict:
-    """The baseline: one process, all cores, the same model, optimizer, schedule and sequences."""
+def plain_loop(cfg, cuda: bool) -> dict:
+    """The baseline: one process, all cores (or one GPU), the same model, optimizer, schedule and sequences."""
+    import contextlib
+
     import torch
 
     from transformllm_ray.storage import read_parquet
-    from transformllm_ray.train.model import base_model_folder, build_meta_model, load_base_weights, materialize
+    from transformllm_ray.train.metrics import device_peak_flops, mfu
+    from transformllm_ray.train.model import (
+        base_model_folder, build_meta_model, count_params, load_base_weights, materialize,
+    )
     from transformllm_ray.train.optim import build_optimizer, build_scheduler
 
     tc = cfg.train
-    torch.set_num_threads(os.cpu_count())
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(os.cpu_count())
     torch.manual_seed(cfg.seed)
     folder = base_model_folder(tc.base_model)
     model = build_meta_model(folder)
-    materialize(model, torch.device("cpu"))
+    materialize(model, device)
     load_base_weights(model, folder)
-    opt, sched = build_optimizer(model, tc), None
+    params = count_params(model)
+    opt = build_optimizer(model, tc)
     sched = build_scheduler(opt, tc)
     rows = read_parquet(f"{cfg.stage_dir('pack')}/packed/train/part-00000.parquet")["input_ids"].to_pylist()
-    batch = 2 * tc.micro_batch_size * tc.grad_accum_steps  # = 2 workers x micro-batch x accumulation
+    micro = tc.num_workers * tc.micro_batch_size  # one forward = every worker's micro-batch together
+    batch = micro * tc.grad_accum_steps
+    # GPU: bf16 compute, fp32 parameters and optimizer (what FSDP2's MixedPrecisionPolicy does in ours).
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     times, losses = [], []
     model.train()
     for step in range(tc.max_steps):
-        ids = torch.tensor(rows[step * batch:(step + 1) * batch], dtype=torch.long)
         t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        total = 0.0
+        for i in range(tc.grad_accum_steps):
+            lo = step * batch + i * micro
+            ids = torch.tensor(rows[lo:lo + micro], dtype=torch.long, device=device)
+            with autocast():
+                loss = model(input_ids=ids, labels=ids).loss
+            (loss / tc.grad_accum_steps).backward()
+            total += loss.item() / tc.grad_accum_steps  # .item() also waits for the GPU
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        losses.append(loss.item())
+        if cuda:
+            torch.cuda.synchronize()
+        losses.append(total)
         times.append(time.perf_counter() - t)
     tokens = batch * tc.seq_len
     steady = times[1:]
-    return {"tokens_per_s": tokens * len(steady) / sum(steady), "first_step_s": times[0], "losses": losses}
+    tps = tokens * len(steady) / sum(steady)
+    peak, _ = device_peak_flops(tc, device)
+    out = {"tokens_per_s": tps, "first_step_s": times[0], "losses": losses, "mfu": mfu(params, tps, 1, peak),
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    del model, opt, sched
+    if cuda:
+        torch.cuda.empty_cache()  # the Ray worker is another process: give it the whole GPU
+    return out
 
 
 def ray_stage(cfg) -> dict:
@@ -122,23 +163,35 @@ def ray_stage(cfg) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--shape", choices=["mistral-1b", "mistral-7b"], default=None,
+                    help="random weights of this shape instead of --model (benchmarks/shapes.py)")
+    ap.add_argument("--seq-len", type=int, default=None, help="default 256 on CPU, 2048 on GPU")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per worker per step")
-    ap.add_argument("--train", default="{}", help="JSON of extra train.* settings for our run")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per worker per micro-batch")
+    ap.add_argument("--workers", type=int, default=None, help="Ray Train workers: default 2 on CPU, 1 on GPU")
+    ap.add_argument("--train", default="{}", help="JSON of extra train.* settings for both runs "
+                    "(e.g. '{\"grad_accum_steps\": 2}')")
     args = ap.parse_args()
 
     import ray
+    import torch
 
+    from benchmarks import shapes
     from transformllm_ray.models.assets import resolve_model
 
-    resolve_model(args.model)  # build the cached model folder outside the timings
+    cuda = torch.cuda.is_available()
+    workers = args.workers or (1 if cuda else 2)
+    seq_len = args.seq_len or (2048 if cuda else 256)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     try:
-        cfg = make_cfg(f"{tmp}/out", args.model, args.seq_len, args.steps, args.micro_batch, json.loads(args.train))
-        per_step = 2 * args.micro_batch * cfg.train.grad_accum_steps
+        # Model folders are built outside the timings.
+        model = shapes.weights_folder(f"{tmp}/model", args.shape) if args.shape else args.model
+        resolve_model(model)
+        extra = json.loads(args.train)
+        cfg = make_cfg(f"{tmp}/out", model, seq_len, args.steps, args.micro_batch, workers, cuda, extra)
+        per_step = workers * args.micro_batch * cfg.train.grad_accum_steps
         n = write_packed(cfg, per_step * (args.steps + 1))
-        plain = plain_loop(cfg)
+        plain = plain_loop(cfg, cuda)
         print(f"plain: {plain['tokens_per_s']:.1f} tokens/s", flush=True)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
@@ -150,14 +203,17 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = {
-        "model": args.model, "seq_len": args.seq_len, "steps": args.steps, "sequences": n,
-        "micro_batch": args.micro_batch, "tokens_per_step": per_step * args.seq_len, "train_overrides": json.loads(args.train),
+        "model": args.shape or args.model, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "workers": workers, "seq_len": seq_len, "steps": args.steps, "sequences": n, "micro_batch": args.micro_batch,
+        "grad_accum_steps": cfg.train.grad_accum_steps, "tokens_per_step": per_step * seq_len,
+        "train_overrides": extra,
         "plain_tokens_per_s": round(plain["tokens_per_s"], 1),
         "ray_fsdp2_tokens_per_s": round(ours["tokens_per_s"], 1),
         "ratio_ray_over_plain": round(ours["tokens_per_s"] / plain["tokens_per_s"], 3),
         "ray_wall_s_incl_startup": round(ours["wall_s"], 1), "ray_steps_s": round(ours["steps_time_s"], 1),
-        "ray_mfu": ours["mfu"], "ray_peak_flops_source": ours["peak_flops_source"],
-        "ray_peak_mem_gb_rank0": round(ours["peak_mem_gb_rank0"], 2), "ray_step_times_s": ours["step_times"],
+        "ray_mfu": ours["mfu"], "plain_mfu": plain["mfu"], "ray_peak_flops_source": ours["peak_flops_source"],
+        "ray_peak_mem_gb_rank0": round(ours["peak_mem_gb_rank0"], 2), "plain_peak_mem_gb": plain["peak_mem_gb"],
+        "ray_step_times_s": ours["step_times"],
         "plain_first_losses": [round(x, 4) for x in plain["losses"][:3]],
         "ray_first_losses": [round(x, 4) for x in ours["losses"][:3]],
         "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
