@@ -19,3 +19,47 @@ def test_split_and_redact():
     plain, secret = split_secrets(env)
     assert plain == {"WANDB_MODE": "offline"} and secret == {"WANDB_API_KEY": "s3cr3t", "HF_TOKEN": "hf_x"}
     assert "s3cr3t" not in str(redact(env)) and redact(env)["WANDB_MODE"] == "offline"
+
+
+STATE_API_PROBE = r"""
+import sys
+import ray
+from ray.util.state import get_actor
+from transformllm_ray.config import load_config
+from transformllm_ray.runtime import ray_session
+
+with ray_session(load_config(sys.argv[1], sys.argv[2:])):
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ping(self):
+            return 1
+
+    probe = Probe.remote()
+    ray.get(probe.ping.remote())
+    try:
+        print("STATE", get_actor(probe._actor_id.hex(), timeout=10).state)
+    except Exception as e:  # the State API's own errors when no dashboard serves it
+        print("STATE unavailable", type(e).__name__)
+"""
+
+
+def test_local_ray_serves_the_state_api_that_ray_train_polls(tmp_path):
+    """A local Ray from ray_session answers the State API (Ray Train 2.60's placement-group cleaner polls it every
+    second and logs a warning each time it cannot); `ray.dashboard=false` turns that off."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import write_config
+
+    path = write_config(tmp_path)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+
+    def probe(*overrides: str) -> str:
+        r = subprocess.run([sys.executable, "-c", STATE_API_PROBE, path, "ray.num_cpus=1", *overrides],
+                           capture_output=True, text=True, timeout=180, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.split("STATE", 1)[1].strip()
+
+    assert probe() == "ALIVE"
+    assert probe("ray.dashboard=false").startswith("unavailable")

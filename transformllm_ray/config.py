@@ -410,6 +410,11 @@ class RayConfig(Section):
     """Cluster to join; None = $RAY_ADDRESS if set, else start a local single-node Ray."""
     num_cpus: Optional[int] = None
     """Local mode only: CPUs Ray may use (None = all)."""
+    dashboard: bool = True
+    """Local mode only: start Ray's dashboard (http://127.0.0.1:8265, loopback only). Besides the progress of
+    Ray Data and Train it serves the State API, which Ray Train 2.60's placement-group cleaner polls every
+    second: without it the cleaner logs a warning each time (~260 lines in the demo's training) and cannot
+    free a crashed run's resources. Costs ~1 s of start-up."""
     forward_env: list[str] = ["VLLM_*", "WANDB_*", "HF_*", "HUGGING_FACE_*", "TRANSFORMLLM_*"]
     """Environment variables (glob patterns) forwarded to Ray workers through the runtime env. Secrets travel
     this way and are never written to disk."""

@@ -4,7 +4,8 @@
         run_stage(cfg, "ingest")
 
 `ray.address` (config) or $RAY_ADDRESS -> join that cluster (inside `ray job submit` the job's runtime env,
-with its env vars, already reaches every worker). Otherwise a local single-node Ray with `ray.num_cpus`, and
+with its env vars, already reaches every worker). Otherwise a local single-node Ray with `ray.num_cpus` (and
+its dashboard on loopback unless `ray.dashboard=false`), and
 the non-secret variables matching `ray.forward_env` (VLLM_*, WANDB_MODE, HF_HUB_OFFLINE, ...) passed to
 workers through the runtime env. Secret ones (WANDB_API_KEY, HF_TOKEN, ...) are *not* put in a runtime env:
 Ray 2.60's runtime-env agent logs runtime envs, values included, in runtime_env_agent.log. Local workers
@@ -73,7 +74,7 @@ def ray_session(cfg: Config):
         ray.init(address=address, log_to_driver=True)
     else:
         plain, _secret = split_secrets(forwarded_env(cfg.ray.forward_env))
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": plain})
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, runtime_env={"env_vars": plain})
     try:
         yield
     finally:
