@@ -37,7 +37,10 @@ with ray_session(load_config(sys.argv[1], sys.argv[2:])):
     probe = Probe.remote()
     ray.get(probe.ping.remote())
     try:
-        print("STATE", get_actor(probe._actor_id.hex(), timeout=10).state)
+        # This cluster's address, named: the test session runs a second local Ray, and the State API client
+        # refuses to guess between two ("Found multiple active Ray instances").
+        address = ray.get_runtime_context().gcs_address
+        print("STATE", get_actor(probe._actor_id.hex(), address=address, timeout=10).state)
     except Exception as e:  # the State API's own errors when no dashboard serves it
         print("STATE unavailable", type(e).__name__)
 """
