@@ -93,8 +93,8 @@ def check_cpus(cfg: Config, gpu: bool) -> None:
     tc = cfg.train
     if gpu:
         return
-    require_ray_data_cpu(max(1, tc.num_workers) * tc.cpus_per_worker if tc.num_workers > 0 else 0,
-                         f"train: {max(1, tc.num_workers)} workers x train.cpus_per_worker={tc.cpus_per_worker}",
+    require_ray_data_cpu(tc.num_workers * tc.cpus_per_worker,
+                         f"train: {tc.num_workers} workers x train.cpus_per_worker={tc.cpus_per_worker}",
                          "lower train.cpus_per_worker (e.g. 0.5) or raise ray.num_cpus")
 
 
