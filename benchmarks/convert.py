@@ -72,15 +72,15 @@ def stage_prompts(cfg) -> list[list[int]]:
     """The token ids the stage sends to the engine for the selected chunks, in a fixed order."""
     import numpy as np
 
-    from transformllm_ray.convert.stage import select_chunks
+    import pyarrow as pa
+
+    from transformllm_ray.convert.select import chunks_ds, selection
     from transformllm_ray.convert.vllm_engine import PromptBuilder, expand_tasks, sampling_dict
-    from transformllm_ray.storage import read_parquet
 
     c = cfg.convert
-    files, selected, _ = select_chunks(cfg)
-    t = read_parquet(files, columns=["id", "doc_id", "text"])
-    batch = {k: np.array(t[k].to_pylist(), dtype=object) for k in ("id", "doc_id", "text")}
-    tasks = expand_tasks(batch, todo=selected, domain=c.domain, version=c.prompt_version,
+    t = pa.Table.from_pylist(chunks_ds(selection(cfg)).take_all()).sort_by("id")
+    batch = {k: np.array(t[k].to_pylist(), dtype=object) for k in ("id", "doc_id", "split", "text")}
+    tasks = expand_tasks(batch, domain=c.domain, version=c.prompt_version,
                          tasks_per_chunk=c.tasks_per_chunk, seed=cfg.seed, sampling=sampling_dict(c.sampling),
                          attempt=1)
     b = PromptBuilder(c.model, c.domain, c.prompt_version, c.vllm.max_model_len)

@@ -45,8 +45,8 @@ def plain_loop(cfg) -> dict:
     for d in ("_markers", "chunks", "rejects"):
         makedirs(f"{out}/{d}")
     shards = ingest.plan_shards(ingest.list_work_files(cfg), cfg.ingest.shard_bytes)
-    counts = [ingest.process_shard(s["shard_id"], s["files"], cfg, chunker, f"{out}/_markers") for s in shards]
-    final = ingest.finalize(cfg, [s["shard_id"] for s in shards])
+    counts = [ingest.process_shard(s["unit_id"], s["files"], cfg, chunker) for s in shards]
+    final = ingest.finalize(cfg, [s["unit_id"] for s in shards])
     return {"seconds": time.time() - t0, "rows_in": sum(c["rows_in"] for c in counts), "chunks": final["chunks_out"]}
 
 

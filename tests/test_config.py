@@ -83,11 +83,11 @@ def test_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = config_from_dict({
         "output_dir": "out/x", "input": {"paths": ["data/*.jsonl", "s3://b/raw/"]},
-        "pack": {"general_paths": ["~/general"], "domain_paths": ["gs://b/d"]},
+        "general": {"paths": ["~/general"]}, "pack": {"domain_paths": ["gs://b/d"]},
         "train": {"storage_path": "ckpt", "resume": "ckpt/run/step-00000010"}})
     assert cfg.output_dir == str(tmp_path / "out/x")
     assert cfg.input.paths == [str(tmp_path / "data/*.jsonl"), "s3://b/raw/"]
-    assert cfg.pack.general_paths == [os.path.expanduser("~/general")] and cfg.pack.domain_paths == ["gs://b/d"]
+    assert cfg.general.paths == [os.path.expanduser("~/general")] and cfg.pack.domain_paths == ["gs://b/d"]
     assert cfg.train.storage_path == str(tmp_path / "ckpt")
     assert cfg.train.resume == str(tmp_path / "ckpt/run/step-00000010")
     assert config_from_dict({"output_dir": "s3://b/o", "input": {"builtin": "licensedcode"}}).output_dir == "s3://b/o"

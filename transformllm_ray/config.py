@@ -43,16 +43,20 @@ class Section(BaseModel):
     )
 
 
-# --------------------------------------------------------------------------------------------- input
-class InputConfig(Section):
+# --------------------------------------------------------------------------------------------- sources
+class SourceConfig(Section):
+    """Raw text to read: the fields shared by the domain corpus (`input`) and the general text (`general`)."""
+
     paths: list[str] = []
     """Files, folders or globs of raw text: local paths or s3:// gs:// URIs (pyarrow filesystems). Formats by
-    extension: .jsonl/.json (one JSON object per line), .parquet, .txt (one document per file); a .gz suffix
-    is decompressed."""
+    extension: .jsonl/.json/.ndjson (one JSON object per line), .parquet, .txt/.md (one document per file); a
+    .gz .bz2 .zst .lz4 or .xz suffix is decompressed."""
 
-    builtin: Optional[Literal["licensedcode"]] = None
-    """A built-in corpus read from an installed PyPI package: `licensedcode` = ScanCode's licence database
-    (`licensedcode-data`: ~2,300 licence texts, EULAs, terms of service). Used by the embedded default."""
+    builtin: Optional[Literal["licensedcode", "package-docs"]] = None
+    """A built-in corpus read from installed PyPI packages: `licensedcode` = ScanCode's licence database
+    (`licensedcode-data`: ~2,300 licence texts, EULAs, terms of service), the embedded default's domain text;
+    `package-docs` = the long descriptions (READMEs) of the installed Python packages, real English prose, the
+    embedded default's general text."""
 
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     """Force one input format instead of detecting it from each file's extension."""
@@ -60,8 +64,16 @@ class InputConfig(Section):
     text_field: str = "text"
     """Field (JSONL) or column (Parquet) that holds the document text."""
 
-    max_files: Optional[int] = None
+    max_files: Optional[int] = Field(default=None, ge=1)
     """Read only the first N input files in sorted order (a small sample for debug runs); None reads all."""
+
+    @property
+    def empty(self) -> bool:
+        return not self.paths and self.builtin is None
+
+
+class InputConfig(SourceConfig):
+    """The domain corpus (legal by default): chunked, converted, trained on; its held-out split is the eval set."""
 
     expected_tokens: Optional[int] = None
     """Corpus size in tokens, for `transformllm plan` when the input cannot be listed from where plan runs
@@ -69,11 +81,15 @@ class InputConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "InputConfig":
-        if not self.paths and self.builtin is None:
+        if self.empty:
             raise ValueError("input: set `paths` or `builtin`")
-        if self.max_files is not None and self.max_files < 1:
-            raise ValueError("input.max_files: must be >= 1")
         return self
+
+
+class GeneralConfig(SourceConfig):
+    """General (non-domain) text, mixed into training against forgetting (`pack.mix_ratio`). Ingest reads it
+    through the same readers, cleaning, dedup and chunking as the domain corpus; it is never converted. Its
+    held-out split is eval's forgetting check. Empty (the default) = no general text."""
 
 
 # --------------------------------------------------------------------------------------------- ingest
@@ -95,9 +111,11 @@ class IngestConfig(Section):
     excerpt_chars: int = 200
     """Length of the excerpt stored with each reject."""
 
-    shard_bytes: int = 1_000_000
-    """Input files are grouped into work shards of about this many bytes (a large file is a shard of its
-    own). A shard is the unit of parallelism and of resume: each finished shard leaves a completion marker."""
+    shard_bytes: int = Field(default=4_000_000, ge=1)
+    """Work shards of about this many input bytes: small files are grouped, large files are split (Parquet by
+    row groups, uncompressed JSONL by byte ranges cut on line boundaries); a compressed file or a whole-file
+    text document is one shard. A shard is the unit of parallelism and of resume: each finished shard leaves
+    a completion marker, so a kill costs at most the shards in flight."""
 
     num_actors: int = 2
     """Ray Data actors that process shards in parallel."""
@@ -273,22 +291,22 @@ class PackConfig(Section):
     """Tokenizer of the model being trained; None = `train.base_model`."""
     domain_paths: list[str] = []
     """Domain training text instead of convert/converted/: Parquet files/folders/globs with a `text` column
-    (and optionally `id`, `doc_id`). Empty = the convert stage's output."""
-    general_paths: list[str] = []
-    """General (non-domain) text mixed in against forgetting: files, folders, globs or URIs as in input."""
-    general_builtin: Optional[Literal["package-docs"]] = None
-    """Built-in general text: `package-docs` = the long descriptions (READMEs) of the installed Python packages,
-    real English prose on this machine."""
-    mix_ratio: float = 1.0
-    """General tokens per domain token; 1.0 (1:1) was AdaptLLM's best for law. 0 disables mixing."""
+    (optionally `id`, `doc_id`, and `split` = train/val; without it every row is train). Empty = the convert
+    stage's output."""
+    mix_ratio: float = Field(default=1.0, ge=0)
+    """General tokens per domain token, per split (the general text is ingest's `general` chunks); 1.0 (1:1)
+    was AdaptLLM's best for law. 0 disables mixing. Met to the token: the general chunk that crosses the
+    budget is cut."""
     include_raw_chunks: bool = False
-    """Also train on the raw (unconverted) chunks of documents that were not converted."""
-
-    @model_validator(mode="after")
-    def _check(self) -> "PackConfig":
-        if self.mix_ratio < 0:
-            raise ValueError("pack.mix_ratio: must be >= 0")
-        return self
+    """Also train on the raw (unconverted) chunks of domain documents of which no chunk was converted."""
+    bucket_tokens: int = Field(default=16_000_000, ge=1)
+    """Tokens per packing bucket. Documents are hashed into buckets of about this many tokens; each bucket is
+    packed, written and committed by one worker, so a worker holds one bucket in memory (4 bytes a token) and
+    at most one partial window per bucket is dropped: waste <= buckets x seq_len tokens."""
+    num_actors: int = Field(default=2, ge=1)
+    """Ray Data actors that tokenise pack's input files in parallel."""
+    cpus_per_actor: float = Field(default=0.5, gt=0)
+    """CPUs reserved per tokenising actor (fractional: see ingest.cpus_per_actor)."""
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -427,7 +445,9 @@ class Config(Section):
     seed: int = 0
     """Global seed."""
     input: InputConfig
-    """Raw corpus."""
+    """Raw domain corpus."""
+    general: GeneralConfig = Field(default_factory=GeneralConfig)
+    """Raw general text mixed into training (read by ingest like the domain corpus)."""
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     """Cleaning and chunking."""
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -451,7 +471,7 @@ class Config(Section):
         self.output_dir = local_abspath(self.output_dir)
         self.input.paths = [local_abspath(p) for p in self.input.paths]
         self.pack.domain_paths = [local_abspath(p) for p in self.pack.domain_paths]
-        self.pack.general_paths = [local_abspath(p) for p in self.pack.general_paths]
+        self.general.paths = [local_abspath(p) for p in self.general.paths]
         if self.train.storage_path:
             self.train.storage_path = local_abspath(self.train.storage_path)
         if self.train.resume not in ("auto", "never"):

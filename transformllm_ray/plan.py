@@ -62,13 +62,14 @@ def corpus_tokens(cfg: Config) -> tuple[float, str]:
     from transformllm_ray.storage import exists, read_json
 
     if exists(stats_uri(cfg, "ingest")):
-        return float(read_json(stats_uri(cfg, "ingest"))["tokens_out"]), "ingest/stats.json (measured)"
+        st = read_json(stats_uri(cfg, "ingest"))
+        return float(st.get("domain_tokens", st["tokens_out"])), "ingest/stats.json (measured domain tokens)"
     if cfg.input.expected_tokens:
         return float(cfg.input.expected_tokens), "input.expected_tokens (config)"
     from transformllm_ray.ingest.stage import list_work_files
 
     try:
-        size = sum(f.size for f in list_work_files(cfg))
+        size = sum(f.size for f in list_work_files(cfg) if f.kind == "domain")
     except (FileNotFoundError, OSError) as e:
         return 0.0, f"input not reachable from here ({str(e)[:120]}); set input.expected_tokens"
     return size / CHARS_PER_TOKEN, f"{size:,} input bytes / {CHARS_PER_TOKEN} chars per token (compressed inputs: more)"

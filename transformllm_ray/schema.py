@@ -28,7 +28,12 @@ class Chunk:
     doc_id: str
     """First 20 hex digits of sha256(normalised document text)."""
     source: str
-    """Input reference: file URI, plus `#L<line>` (JSONL) or `#R<row>` (Parquet)."""
+    """Input reference: file URI, plus `#B<byte offset>` (JSONL: where the line starts in the decompressed
+    file) or `#R<row>` (Parquet); independent of how the file was cut into work shards."""
+    kind: str
+    """`domain` (from `input`: converted, trained on) or `general` (from `general`: mixed into training)."""
+    split: str
+    """`train`, `val` or `heldout`, by document (splits.assign_split); assigned here, once."""
     position: int
     """Index of the chunk within its document (0-based)."""
     text: str
@@ -44,7 +49,7 @@ class Reject:
     stage: str
     """Stage that rejected the record."""
     ref: str
-    """Input reference: file URI (+ `#L<line>` / `#R<row>`) or a chunk id."""
+    """Input reference: file URI (+ `#B<byte offset>` / `#R<row>`) or a chunk id."""
     reason: str
     """Short machine-readable reason (`invalid_json`, `duplicate`, `looping`, ...)."""
     detail: str
@@ -59,6 +64,8 @@ class Converted:
     """Chunk id (unique in converted/ and in converted rejects)."""
     doc_id: str
     """Document id."""
+    split: str
+    """The chunk's split (`train` or `val`), carried from ingest."""
     text: str
     """Training text: raw chunk followed by the tasks, in the reading-comprehension format (README)."""
     raw_output: str

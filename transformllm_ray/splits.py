@@ -1,10 +1,11 @@
-"""Document-level split assignment, shared by convert (skips held-out documents) and pack (writes them).
+"""Document-level split assignment, made once by ingest and carried as the `split` column downstream.
 
-    is_heldout(doc_id, cfg.split)   # raw held-out legal text: never converted, never trained on
-    is_val(doc_id, cfg.split)       # validation sequences come from these documents only
+    assign_split(doc_id, cfg.split)   # "heldout" | "val" | "train"
 
-Assignment is a pure function of the document id (a content hash) and `split.seed`, so it is the same on
-every machine and rerun, and no document can land in two splits.
+heldout: raw text never converted, never trained on (eval's perplexity sets); val: validation sequences come
+from these documents only; train: the rest. Assignment is a pure function of the document id (a content
+hash) and `split.seed`, so it is the same on every machine and rerun, and no document can land in two splits.
+Only ingest calls it: convert, pack and eval read the column, so no stage can disagree with another.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 from transformllm_ray.config import SplitConfig
 from transformllm_ray.text import unit_fraction
 
-
-def is_heldout(doc_id: str, split: SplitConfig) -> bool:
-    return unit_fraction(doc_id, split.seed, "heldout") < split.heldout_fraction
+SPLITS = ("train", "val", "heldout")
 
 
-def is_val(doc_id: str, split: SplitConfig) -> bool:
-    return not is_heldout(doc_id, split) and unit_fraction(doc_id, split.seed, "val") < split.val_fraction
+def assign_split(doc_id: str, split: SplitConfig) -> str:
+    if unit_fraction(doc_id, split.seed, "heldout") < split.heldout_fraction:
+        return "heldout"
+    if unit_fraction(doc_id, split.seed, "val") < split.val_fraction:
+        return "val"
+    return "train"

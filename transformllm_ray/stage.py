@@ -22,11 +22,11 @@ log = logging.getLogger("transformllm")
 
 # Config sections each stage's output depends on (its fingerprint).
 DEPENDS = {
-    "ingest": ("input", "ingest"),
-    "convert": ("input", "ingest", "split", "convert"),
-    "pack": ("input", "ingest", "split", "convert", "pack"),
-    "train": ("input", "ingest", "split", "convert", "pack", "train"),
-    "eval": ("input", "ingest", "split", "convert", "pack", "train", "eval"),
+    "ingest": ("input", "general", "ingest", "split"),
+    "convert": ("input", "general", "ingest", "split", "convert"),
+    "pack": ("input", "general", "ingest", "split", "convert", "pack"),
+    "train": ("input", "general", "ingest", "split", "convert", "pack", "train"),
+    "eval": ("input", "general", "ingest", "split", "convert", "pack", "train", "eval"),
     "report": (),
 }
 _RUNNERS = {s: f"transformllm_ray.{s}.stage:run" for s in STAGES}

@@ -15,7 +15,7 @@ which on a cluster scaled to zero reads as "no GPU": cluster runs name their dev
     convert  vllm engine on GPU: convert.vllm.num_engines x {GPU: tensor_parallel_size, CPU: 1}
              (the engine's GPUs on one node; the CPU is the engine actor's own, an upper bound)
              vllm on CPU: num_engines x {CPU: cpus_per_engine}; regex engine: {CPU: 1}
-    pack     {CPU: 1}                                                      Ray Data tasks
+    pack     pack.num_actors x {CPU: pack.cpus_per_actor}                  fixed tokenising pool
     train    train.num_workers x {GPU: 1, CPU: train.cpus_per_worker}      one process group (none if 0)
     eval     {GPU: 1} when training used GPUs, else {CPU: 1}
 A unit (one dict) must land on one node; all units of a stage must be placed at the same time (fixed pools,
@@ -94,7 +94,7 @@ def stage_asks(cfg, gpu_cluster: bool = True) -> dict[str, list[dict]]:
         asks["convert"] = [{"CPU": vl.cpus_per_engine}] * vl.num_engines
     else:
         asks["convert"] = [{"GPU": vl.tensor_parallel_size, "CPU": 1}] * vl.num_engines
-    asks["pack"] = [{"CPU": 1}]
+    asks["pack"] = [{"CPU": cfg.pack.cpus_per_actor}] * cfg.pack.num_actors
     use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and gpu_cluster)
     if cfg.train.num_workers > 0:
         worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}

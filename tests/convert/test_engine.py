@@ -27,7 +27,7 @@ def _cfg(tmp_path, model, **convert):
 def _task_row(builder, cfg, i, text, family="summary"):
     s = sampling_dict(cfg.convert.sampling)
     ids, cut = builder.build(family, text, "", s["max_tokens"])
-    return {"chunk_id": f"c{i}-0000", "doc_id": f"c{i}", "chunk_text": text, "n_tasks": 1, "task_index": 0,
+    return {"chunk_id": f"c{i}-0000", "doc_id": f"c{i}", "split": "train", "chunk_text": text, "n_tasks": 1, "task_index": 0,
             "family": family, "words": "", "attempt": 1, "sampling": json.dumps(s), "max_tokens": s["max_tokens"],
             "prev": "", "tokenized_prompt": ids, "prompt_truncated": cut, "eos_ids": builder.eos_ids,
             "sampling_params": {k: s[k] for k in ("temperature", "top_p", "max_tokens", "repetition_penalty")}}

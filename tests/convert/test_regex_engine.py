@@ -71,11 +71,11 @@ def test_selection_is_deterministic_and_diverse(legal_texts):
 
 def test_converter_rows_and_no_task_reject(legal_texts):
     conv = RegexConverter("legal", "v1", tasks_per_chunk=2, seed=0)
-    batch = {"id": ["d1-0000", "d2-0000"], "doc_id": ["d1", "d2"], "position": [0, 0],
+    batch = {"id": ["d1-0000", "d2-0000"], "doc_id": ["d1", "d2"], "split": ["train", "val"], "position": [0, 0],
              "text": [legal_texts[7], "1.0 2.0 3.0\n\n4.1 5.2"], "metadata": [json.dumps({"name": "A License"}), "{}"]}
     out = conv(batch)
     assert out["id"] == ["d1-0000", "d2-0000"]
-    assert out["status"] == ["ok", "no_tasks"]
+    assert out["status"] == ["ok", "no_tasks"] and out["split"] == ["train", "val"]  # carried, not recomputed
     ok = out["text"][0]
     assert ok.startswith(legal_texts[7].strip()) and ok.count("\nAnswer: ") == 2
     assert len(json.loads(out["raw_output"][0])) == 2 and len(out["task_families"][0].split(",")) == 2

@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 from tests.helpers import write_config
 from transformllm_ray.config import load_config
 from transformllm_ray.schema import Converted, Reject, arrow_schema
-from transformllm_ray.splits import is_heldout
 from transformllm_ray.stage import run_stage
 
 
@@ -30,8 +29,8 @@ def test_regex_stage(ray_local, tmp_path):
     assert rej.schema.equals(arrow_schema(Reject)) and rej.num_rows == stats["rows_rejected"]
 
     chunks = pq.read_table(f"{cfg.output_dir}/ingest/chunks").to_pylist()
-    eligible = sorted(c["id"] for c in chunks if not is_heldout(c["doc_id"], cfg.split))
-    heldout = [c for c in chunks if is_heldout(c["doc_id"], cfg.split)]
+    eligible = sorted(c["id"] for c in chunks if c["split"] != "heldout")
+    heldout = [c for c in chunks if c["split"] == "heldout"]
     assert heldout, "the split must hold out some documents for this test to mean anything"
     ids = conv["id"].to_pylist() + rej["ref"].to_pylist()
     assert sorted(ids) == eligible[:80]                      # the first 80 eligible ids, each exactly once
@@ -39,6 +38,8 @@ def test_regex_stage(ray_local, tmp_path):
     assert stats["rows_in"] == 80 == stats["rows_out"] + stats["rows_rejected"]
     assert stats["heldout_chunks"] == len(heldout) and stats["beyond_max_chunks"] == len(eligible) - 80
     assert stats["engine"] == "regex" and stats["commits"] == len(os.listdir(f"{out}/_commits")) == 5
+    split_of = {c["id"]: c["split"] for c in chunks}
+    assert all(r["split"] == split_of[r["id"]] for r in conv.to_pylist())  # ingest's split, carried
 
     text_by_id = {c["id"]: c["text"] for c in chunks}
     for row in conv.to_pylist():

@@ -23,6 +23,9 @@ from transformllm_ray.storage import list_files
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+_OFFSETS: dict[str, dict[str, int]] = {}  # messy corpus folder -> byte offsets of its duplicate lines
+
+
 def _tables(out):
     return pq.read_table(f"{out}/ingest/chunks"), pq.read_table(f"{out}/ingest/rejects")
 
@@ -38,6 +41,7 @@ def messy_corpus(tmp_path, legal_texts):
              json.dumps({"text": "x" * 6000})]  # over max_chars below
     (d / "a.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "\xff\xfe"}\n')
     (d / "b.jsonl").write_text(json.dumps({"text": good[2]}) + "\n" + json.dumps({"text": good[0]}) + "\n")
+    _OFFSETS[str(d)] = {"a6": sum(len(x.encode()) + 1 for x in lines[:5]), "b2": len(json.dumps({"text": good[2]})) + 1}
     (d / "c.txt").write_text(good[3])
     (d / "d.txt").write_bytes(b"\x00\x01ELF" * 300)
     pq.write_table(pa.table({"text": [good[4], None]}), d / "e.parquet")
@@ -63,11 +67,12 @@ def test_reject_reasons_and_reconciliation(ray_local, tmp_path, messy_corpus):
     # The copy in b.jsonl (another shard) is the rejected one: the first occurrence is kept.
     dup_refs = [r["ref"] for r in rejects.to_pylist() if r["reason"] == "duplicate"]
     kept = {s for s in chunks["source"].to_pylist()}
-    assert any(s.endswith("a.jsonl#L000000001") for s in kept)
-    assert not any(s.endswith("b.jsonl#L000000002") for s in kept)
+    a6, b2 = (f"#B{_OFFSETS[str(messy_corpus)][k]:012d}" for k in ("a6", "b2"))
+    assert any(s.endswith("a.jsonl#B000000000000") for s in kept)
+    assert not any(s.endswith("b.jsonl" + b2) for s in kept)
     assert stats["reject_reasons"]["duplicate"] == 2
-    assert any(r.endswith("a.jsonl#L000000006") for r in dup_refs)
-    assert any(r.endswith("b.jsonl#L000000002") for r in dup_refs)
+    assert any(r.endswith("a.jsonl" + a6) for r in dup_refs)
+    assert any(r.endswith("b.jsonl" + b2) for r in dup_refs)
     for r in rejects.to_pylist():
         assert r["stage"] == "ingest" and r["ref"] and len(r["excerpt"]) <= 200
 
@@ -140,7 +145,7 @@ def test_resume_after_kill_finishes_without_duplicates(ray_local, tmp_path):
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert f"resuming: {n_done}/{n_shards} shards already done" in rerun.stdout
+    assert f"resuming: {n_done}/{n_shards} units already done" in rerun.stdout
     chunks, rejects = _tables(cfg.output_dir)
     ids = chunks["id"].to_pylist()
     assert len(ids) == len(set(ids))
@@ -154,3 +159,64 @@ def test_resume_after_kill_finishes_without_duplicates(ray_local, tmp_path):
     ref = pq.read_table(f"{clean.output_dir}/ingest/chunks")
     assert sorted(ref["id"].to_pylist()) == sorted(ids)
     assert rejects.num_rows == pq.read_table(f"{clean.output_dir}/ingest/rejects").num_rows
+
+
+def _chunk_rows(out):
+    t = pq.read_table(f"{out}/ingest/chunks").sort_by("id")
+    return t.select(["id", "doc_id", "source", "kind", "split", "position", "text", "n_tokens"]).to_pylist()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_large_file_is_cut_into_shards_with_the_same_ids(ray_local, tmp_path, legal_texts, fmt):
+    """One large file: cut into byte-range (JSONL) or row-group (Parquet) shards, it yields exactly the chunks,
+    ids and references of the same file read as one shard, and every shard is used."""
+    d = tmp_path / "in"
+    d.mkdir()
+    texts = legal_texts[:120] + legal_texts[:5]  # five exact duplicates, to be found across shards
+    if fmt == "jsonl":
+        (d / "big.jsonl").write_text("".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts)))
+    else:
+        pq.write_table(pa.table({"text": texts, "n": list(range(len(texts)))}), d / "big.parquet",
+                       row_group_size=10)
+    size = os.path.getsize(next(d.iterdir()))
+    runs = {}
+    for name, shard_bytes in (("whole", size + 1), ("cut", size // 9)):
+        cfg = load_config(write_config(tmp_path / name, input={"paths": [str(d)]},
+                                       ingest={"chunk_tokens": 256, "shard_bytes": shard_bytes}))
+        stats = ingest.run(cfg)
+        runs[name] = (stats, _chunk_rows(cfg.output_dir), pq.read_table(f"{cfg.output_dir}/ingest/rejects"))
+    (s1, c1, r1), (s2, c2, r2) = runs["whole"], runs["cut"]
+    assert s1["shards"] == 1 and s2["shards"] >= 8
+    assert c1 == c2 and len(c1) > 120
+    assert sorted(r1["ref"].to_pylist()) == sorted(r2["ref"].to_pylist())
+    assert s2["reject_reasons"] == {"duplicate": 5} and s2["rows_in"] == len(texts) == s2["rows_out"] + 5
+    # Every shard held work: the file's pieces spread over the shards.
+    parts = [pq.read_table(p) for p in list_files(f"{tmp_path}/cut/out/ingest/chunks", ".parquet")]
+    assert len(parts) == s2["shards"] and sum(p.num_rows > 0 for p in parts) >= s2["shards"] - 1
+
+
+def test_general_text_is_ingested_and_tagged(ray_local, tmp_path, legal_texts):
+    """Domain and general sources go through the same cleaning and dedup; chunks carry kind and split."""
+    from transformllm_ray.splits import assign_split
+
+    d = tmp_path / "general"
+    d.mkdir()
+    (d / "g.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in legal_texts[200:230])
+                               + json.dumps({"body": "short"}) + "\n")
+    cfg = load_config(write_config(tmp_path, input={"builtin": "licensedcode", "max_files": 40},
+                                   general={"paths": [str(d)], "text_field": "body"},
+                                   split={"heldout_fraction": 0.2, "val_fraction": 0.2}))
+    stats = ingest.run(cfg)
+    rows = _chunk_rows(cfg.output_dir)
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"domain", "general"}
+    general = [r for r in rows if r["kind"] == "general"]
+    assert all("g.jsonl#B" in r["source"] for r in general)
+    assert all(r["split"] == assign_split(r["doc_id"], cfg.split) for r in rows)
+    assert {r["split"] for r in rows} == {"train", "val", "heldout"}
+    by = stats["by_kind_split"]
+    assert sum(v["tokens"] for v in by["general"].values()) == stats["general_tokens"] == sum(
+        r["n_tokens"] for r in general)
+    assert stats["domain_tokens"] + stats["general_tokens"] == stats["tokens_out"]
+    assert stats["reject_reasons"].get("too_short", 0) >= 1  # the general "short" line, same filter
+    assert stats["rows_in"] == stats["rows_out"] + stats["rows_rejected"]

@@ -1,10 +1,19 @@
-"""Pack stage on real ingested licence text: determinism, no train/val/held-out leakage, EOS joins, token
-accounting, mix ratio."""
+"""Pack stage on real ingested licence text and real package docs (general), on a real local Ray:
+determinism, the mix met to the token, no train/val/held-out leakage, EOS joins, token accounting, raw chunks
+superseded by converted ones, and a kill -9 mid-stage whose rerun writes the same sequences."""
 
 from __future__ import annotations
 
+import json
+import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -12,65 +21,76 @@ from tests.helpers import write_config
 from transformllm_ray.config import load_config
 from transformllm_ray.ingest import stage as ingest
 from transformllm_ray.pack import stage as pack
-from transformllm_ray.splits import is_heldout, is_val
+from transformllm_ray.stage import run_stage
+from transformllm_ray.storage import list_files
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEQ = 128
-PACK = {"include_raw_chunks": True, "general_builtin": "package-docs", "mix_ratio": 0.5}
+INPUT = {"builtin": "licensedcode", "max_files": 80}
+GENERAL = {"builtin": "package-docs", "max_files": 40}
+PACK = {"include_raw_chunks": True, "mix_ratio": 0.5, "bucket_tokens": 20000}
 SPLIT = {"heldout_fraction": 0.1, "val_fraction": 0.1}
 
 
 @pytest.fixture(scope="module")
 def ingested(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pack")
-    cfg = load_config(write_config(tmp, input={"builtin": "licensedcode", "max_files": 80},
-                                   ingest={"chunk_tokens": 512}, split=SPLIT))
+    cfg = load_config(write_config(tmp, input=INPUT, general=GENERAL, ingest={"chunk_tokens": 512}, split=SPLIT))
     ingest.run(cfg)
     return cfg
 
 
-def _pack(base_cfg, tmp_path, name, seed=0, **over):
+def _config(base_cfg, tmp_path, name, seed=0, stages=("ingest",), **over):
     d = tmp_path / name
-    shutil.copytree(f"{base_cfg.output_dir}/ingest", d / "out" / "ingest")
-    cfg = load_config(write_config(d, input={"builtin": "licensedcode", "max_files": 80},
-                                   ingest={"chunk_tokens": 512}, split=SPLIT, pack={**PACK, **over},
-                                   train={"seq_len": SEQ, "max_steps": 10, "warmup_steps": 1}, seed=seed))
+    for s in stages:
+        shutil.copytree(f"{base_cfg.output_dir}/{s}", d / "out" / s)
+    return write_config(d, input=INPUT, general=GENERAL, ingest={"chunk_tokens": 512}, split=SPLIT,
+                        pack={**PACK, **over}, convert={"engine": "regex", "max_chunks": 30},
+                        train={"seq_len": SEQ, "max_steps": 10, "warmup_steps": 1}, seed=seed)
+
+
+def _pack(base_cfg, tmp_path, name, seed=0, **over):
+    cfg = load_config(_config(base_cfg, tmp_path, name, seed, **over))
     return cfg, pack.run(cfg)
+
+
+def _sequences(cfg, split="train"):
+    """(sequence id, input_ids) of a packed split, in sequence order."""
+    t = pq.read_table(f"{cfg.output_dir}/pack/packed/{split}").sort_by("sequence")
+    return list(zip(t["sequence"].to_pylist(), t["input_ids"].to_pylist()))
 
 
 def test_pack_is_deterministic_and_accounts_for_every_token(ingested, tmp_path):
     cfg1, s1 = _pack(ingested, tmp_path, "a")
     cfg2, s2 = _pack(ingested, tmp_path, "b")
-    t1 = pq.read_table(f"{cfg1.output_dir}/pack/packed/train")
-    t2 = pq.read_table(f"{cfg2.output_dir}/pack/packed/train")
-    assert t1.num_rows == s1["sequences_train"] > 10
-    assert t1["input_ids"].to_pylist() == t2["input_ids"].to_pylist()
-    assert all(len(x) == SEQ for x in t1["input_ids"].to_pylist())
+    seqs = _sequences(cfg1)
+    assert len(seqs) == s1["sequences_train"] > 10 and seqs == _sequences(cfg2)
+    assert _sequences(cfg1, "val") == _sequences(cfg2, "val") and s1["sequences_val"] > 0
+    assert all(len(x) == SEQ for _, x in seqs)
+    assert s1["buckets"]["train"] >= 3  # several buckets, packed by several map_groups calls
     assert s1["tokens_in"] == s1["tokens_packed"] + s1["waste_tokens"]
-    assert s1["waste_tokens"] < 2 * SEQ  # at most one partial window per split
+    assert s1["waste_tokens"] < sum(s1["buckets"].values()) * SEQ  # at most one partial window per bucket
     assert s1["rows_in"] == s1["rows_out"] + s1["rows_rejected"]
-    # The document crossing the budget is cut: the token ratio is met to within a token (and the rounding).
-    assert abs(s1["general_tokens"] - 0.5 * s1["domain_tokens"]) <= 1, s1
-    assert s1["mix_ratio_achieved"] == round(s1["general_tokens"] / s1["domain_tokens"], 4)
-    assert s1["general_docs"] > 0 and s1["reject_reasons"].get("general_not_needed", 0) > 0
-    # A different seed gives a different order of the same documents.
+    # Per split, the general row that crosses the budget is cut: the ratio is met to the rounding.
+    for split, m in s1["mix_by_split"].items():
+        assert m["general_tokens"] == m["general_budget"] == round(0.5 * m["domain_tokens"]), (split, m)
+    assert abs(s1["general_tokens"] - 0.5 * s1["domain_tokens"]) <= 2, s1
+    assert s1["general_rows"] > 0 and s1["reject_reasons"].get("general_not_needed", 0) > 0
+    # A different seed gives a different order of the same text.
     cfg3, s3 = _pack(ingested, tmp_path, "c", seed=1)
-    t3 = pq.read_table(f"{cfg3.output_dir}/pack/packed/train")
-    assert s3["domain_tokens"] == s1["domain_tokens"]
-    assert t3["input_ids"].to_pylist() != t1["input_ids"].to_pylist()
+    assert s3["domain_tokens"] == s1["domain_tokens"] and _sequences(cfg3) != seqs
 
 
-def test_no_document_in_two_splits(ingested, tmp_path):
+def test_no_document_in_two_splits_and_held_out_never_packed(ingested, tmp_path):
     cfg, stats = _pack(ingested, tmp_path, "split")
     out = f"{cfg.output_dir}/pack"
     train_docs = {d for ds in pq.read_table(f"{out}/packed/train")["doc_ids"].to_pylist() for d in ds}
     val_docs = {d for ds in pq.read_table(f"{out}/packed/val")["doc_ids"].to_pylist() for d in ds}
-    held = pq.read_table(f"{out}/heldout")
-    held_docs = set(held["doc_id"].to_pylist())
-    assert val_docs and held_docs and train_docs
-    assert not (train_docs & val_docs) and not (train_docs & held_docs) and not (val_docs & held_docs)
-    assert all(is_val(d, cfg.split) for d in val_docs if len(d) == 20)
-    assert all(is_heldout(d, cfg.split) for d in held_docs)
-    assert stats["heldout_chunks"] == held.num_rows
+    chunks = pq.read_table(f"{cfg.output_dir}/ingest/chunks").to_pylist()
+    split_of = {c["doc_id"]: c["split"] for c in chunks}
+    assert train_docs and val_docs and "heldout" in split_of.values()
+    assert not train_docs & val_docs
+    assert {split_of[d] for d in train_docs} == {"train"} and {split_of[d] for d in val_docs} == {"val"}
 
 
 def test_documents_are_joined_with_eos(ingested, tmp_path):
@@ -78,24 +98,82 @@ def test_documents_are_joined_with_eos(ingested, tmp_path):
 
     cfg, stats = _pack(ingested, tmp_path, "eos", mix_ratio=0.0)
     tok = load_tokenizer(cfg.pack_tokenizer)
-    seqs = pq.read_table(f"{cfg.output_dir}/pack/packed/train")["input_ids"].to_pylist()
-    stream = [t for s in seqs for t in s]
-    n_eos = stream.count(tok.eos_token_id)
-    assert n_eos >= stats["train_docs"] - 1  # one EOS after every document (the last may be in the waste)
-    first_doc_tokens = stream[: stream.index(tok.eos_token_id)]
-    text = tok.decode(first_doc_tokens)
+    seqs = _sequences(cfg)
+    buckets: dict[int, list[int]] = {}
+    for sid, ids in seqs:  # each bucket's windows, in order, are one stream that starts with a whole text
+        buckets.setdefault(sid >> 32, []).extend(ids)
+    texts = {c["text"] for c in pq.read_table(f"{cfg.output_dir}/ingest/chunks").to_pylist()}
+    assert len(buckets) >= 2
+    for stream in buckets.values():
+        first = stream[: stream.index(tok.eos_token_id)]
+        second = stream[len(first) + 1:][: stream[len(first) + 1:].index(tok.eos_token_id)]
+        assert tok.decode(first) in texts and tok.decode(second) in texts  # whole chunks, joined by EOS
+    assert stats["general_rows"] == 0 and stats["reject_reasons"] == {}  # mix_ratio 0: no general text read
+
+
+def test_pack_group_unit(tmp_path):
+    rows = [("raw", "a", "a-0000", 2, [1, 2, 3]), ("domain", "b", "b-0000", 1, [4, 5]),
+            ("raw", "b", "b-0001", 1, [9, 9]), ("general", "c", "c-0000", 3, [6])]
+    g = pa.table({"kind": [r[0] for r in rows], "split": ["train"] * 4, "id": [r[2] for r in rows],
+                  "doc_id": [r[1] for r in rows], "key": [r[3] for r in rows],
+                  "n_tokens": [len(r[4]) for r in rows], "input_ids": [r[4] for r in rows],
+                  "bucket": [7] * 4})
+    pack.pack_group(g, str(tmp_path), seq_len=3, eos_id=0)
+    t = pq.read_table(tmp_path / "packed/train/part-00007.parquet")
+    # Order by key: b (converted; its raw chunk is superseded), a, c. Stream 4 5 0 1 2 3 0 6 0 -> 3 windows.
+    assert t["input_ids"].to_pylist() == [[4, 5, 0], [1, 2, 3], [0, 6, 0]]
+    assert t["doc_ids"].to_pylist() == [["b"], ["a"], ["a", "c"]]
+    assert t["sequence"].to_pylist() == [(7 << 32) | i for i in range(3)]
+    m = json.load(open(tmp_path / "_markers/pack-train-00007.json"))
+    assert m["raw_superseded"] == 1 and m["waste"] == 0 and m["rows"] == {"domain": 1, "raw": 1, "general": 1}
+
+
+def test_raw_chunks_of_converted_documents_are_superseded(ingested, tmp_path):
+    """Converted chunks replace the raw chunks of their whole document; raw chunks of other documents stay."""
+    path = _config(ingested, tmp_path, "raw")
+    cfg = load_config(path)
+    conv = run_stage(cfg, "convert")
+    stats = pack.run(cfg)
+    converted = pq.read_table(f"{cfg.output_dir}/convert/converted")
+    conv_docs = set(converted["doc_id"].to_pylist())
     chunks = pq.read_table(f"{cfg.output_dir}/ingest/chunks").to_pylist()
-    assert any(c["text"] == text for c in chunks)  # the text before the first EOS is one whole chunk
+    raw_of_converted = [c for c in chunks if c["doc_id"] in conv_docs and c["kind"] == "domain"]
+    assert stats["domain_rows"] == conv["rows_out"] == converted.num_rows
+    assert stats["reject_reasons"]["raw_superseded"] == len(raw_of_converted) > 0
+    eligible_raw = [c for c in chunks if c["kind"] == "domain" and c["split"] != "heldout"]
+    assert stats["raw_rows"] == len(eligible_raw) - len(raw_of_converted)
+    assert stats["rows_in"] == stats["rows_out"] + stats["rows_rejected"]
 
 
-def test_pack_sequences_unit():
-    docs = [{"doc_id": "a", "input_ids": [1, 2, 3]}, {"doc_id": "b", "input_ids": [4, 5]}]
-    seqs, waste = pack.pack_sequences(docs, 4, 0)
-    assert [s["input_ids"] for s in seqs] == [[1, 2, 3, 0]] and waste == 3
-    assert seqs[0]["doc_ids"] == ["a"]
-    seqs, waste = pack.pack_sequences(docs, 3, 0)
-    assert [s["input_ids"] for s in seqs] == [[1, 2, 3], [0, 4, 5]] and waste == 1
-    assert seqs[1]["doc_ids"] == ["a", "b"]
+def test_kill_mid_pack_then_rerun_gives_the_same_sequences(ingested, tmp_path):
+    """kill -9 the pack job at a random moment (tokenising or packing), rerun: the same sequences as an
+    uninterrupted run."""
+    ref_cfg, ref = _pack(ingested, tmp_path, "ref")
+    path = _config(ingested, tmp_path, "killed")
+    cfg = load_config(path)
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "transformllm_ray.cli", "pack", "--config", path, "ray.num_cpus=2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    markers = f"{cfg.output_dir}/pack/_markers"
+    # Wait until the stage has started work (a marker exists), then a random extra moment.
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list_files(markers, ".json"):
+        time.sleep(0.1)
+    time.sleep(random.uniform(0.0, 3.0))
+    if proc.poll() is not None:
+        out = proc.stdout.read().decode(errors="replace")[-3000:]
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be killed: {out}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(f"{cfg.output_dir}/pack/stats.json")
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming" in rerun.stdout
+    stats = json.load(open(f"{cfg.output_dir}/pack/stats.json"))
+    assert _sequences(cfg) == _sequences(ref_cfg) and _sequences(cfg, "val") == _sequences(ref_cfg, "val")
+    drop = ("seconds",)
+    assert {k: v for k, v in stats.items() if k not in drop} == {k: v for k, v in ref.items() if k not in drop}
 
 
 def test_missing_converted_text_is_a_clear_error(ingested, tmp_path):

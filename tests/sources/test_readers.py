@@ -41,7 +41,8 @@ def test_jsonl_every_line_is_a_doc_or_a_reject(tmp_path, legal_texts):
     docs = [r for r in recs if isinstance(r, RawDoc)]
     assert [d.text for d in docs] == [legal_texts[0], legal_texts[1]]
     assert docs[0].metadata == {"court": "x"}
-    assert docs[0].ref.endswith("a.jsonl#L000000001") and docs[1].ref.endswith("#L000000008")
+    offsets = [sum(len(x) + 1 for x in lines[:i]) for i in range(len(lines))]  # where each line starts
+    assert docs[0].ref.endswith("a.jsonl#B000000000000") and docs[1].ref.endswith(f"#B{offsets[7]:012d}")
     assert all(len(r.excerpt) <= 200 for r in recs if isinstance(r, Reject))
 
 
@@ -50,6 +51,82 @@ def test_jsonl_gzip_and_custom_text_field(tmp_path, legal_texts):
     f.write_bytes(gzip.compress((json.dumps({"body": legal_texts[2]}) + "\n").encode()))
     recs = _read(f, text_field="body")
     assert [type(r) for r in recs] == [RawDoc] and recs[0].text == legal_texts[2]
+
+
+def test_compressed_jsonl_of_every_codec_reads_the_same(tmp_path, legal_texts):
+    """gzip, bz2, zstd, lz4 through pyarrow; xz (Pile of Law's .jsonl.xz) through lzma. Same records and
+    references (byte offsets in the decompressed stream) as the uncompressed file."""
+    import bz2
+    import lzma
+
+    import pyarrow as pa
+
+    raw = "".join(json.dumps({"text": t}) + "\n" for t in legal_texts[:5]).encode() + b"{broken\n"
+    (tmp_path / "plain.jsonl").write_bytes(raw)
+    want = [(r.ref.rsplit("#", 1)[1], getattr(r, "text", r.reason if isinstance(r, Reject) else None))
+            for r in _read(tmp_path / "plain.jsonl")]
+    assert len(want) == 6 and want[-1][1] == "invalid_json"
+    codecs = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+              ".zst": lambda b: pa.compress(b, "zstd", asbytes=True),
+              ".lz4": None}
+    for ext, fn in codecs.items():
+        f = tmp_path / f"c.jsonl{ext}"
+        if ext == ".lz4":
+            with pa.output_stream(str(f), compression="lz4") as out:
+                out.write(raw)
+        elif ext == ".zst":
+            with pa.output_stream(str(f), compression="zstd") as out:
+                out.write(raw)
+        else:
+            f.write_bytes(fn(raw))
+        got = [(r.ref.rsplit("#", 1)[1], getattr(r, "text", r.reason if isinstance(r, Reject) else None))
+               for r in _read(f)]
+        assert got == want, ext
+
+
+def _pieces(path, fmt, cuts):
+    size = path.stat().st_size
+    bounds = [0, *cuts, size]
+    return [WorkFile(str(path), size, fmt, lo=a, hi=b) for a, b in zip(bounds, bounds[1:])]
+
+
+def test_jsonl_byte_ranges_yield_every_line_once(tmp_path, legal_texts):
+    """Pieces cut anywhere (mid-line, right after a newline, on a newline, a range inside one long line) yield
+    each line exactly once, with the same references as a whole-file read."""
+    lines = [json.dumps({"text": t}).encode() for t in legal_texts[:12]] + [b"", b"{bad json"]
+    raw = b"\r\n".join(lines[:3]) + b"\n" + b"\n".join(lines[3:])  # CRLF lines too; no final newline
+    f = tmp_path / "big.jsonl"
+    f.write_bytes(raw)
+    whole = [(r.ref, type(r).__name__) for r in _read(f)]
+    assert len(whole) == len(lines)
+    nl = [i for i, b in enumerate(raw) if b == 10]
+    cut_sets = [[1], [nl[0]], [nl[0] + 1], [nl[2] - 5, nl[2] + 1, nl[5]], list(range(97, len(raw), 97)),
+                [nl[4] + 3, nl[4] + 9]]  # the last: two cuts inside one line, the middle piece yields nothing
+    for cuts in cut_sets:
+        got = [(r.ref, type(r).__name__) for p in _pieces(f, "jsonl", cuts) for r in read_file(p)]
+        assert got == whole, cuts
+
+
+def test_binary_jsonl_cut_into_pieces_is_one_reject(tmp_path):
+    f = tmp_path / "bin.jsonl"
+    f.write_bytes(b"\x00\x01\x02\n" * 3000)
+    recs = [r for p in _pieces(f, "jsonl", [4000, 8000]) for r in read_file(p)]
+    assert [r.reason for r in recs] == ["binary"]
+
+
+def test_parquet_row_group_pieces(tmp_path, legal_texts):
+    pq.write_table(pa.table({"text": legal_texts[:10], "n": list(range(10))}), tmp_path / "rg.parquet",
+                   row_group_size=3)  # row groups of 3, 3, 3, 1 rows
+    f = tmp_path / "rg.parquet"
+    whole = [(r.ref, r.text, r.metadata) for r in _read(f)]
+    size = f.stat().st_size
+    pieces = [WorkFile(str(f), size, "parquet", lo=a, hi=b) for a, b in ((0, 1), (1, 3), (3, -1))]
+    got = [(r.ref, r.text, r.metadata) for p in pieces for r in read_file(p)]
+    assert got == whole and whole[9][0].endswith("#R000000009") and whole[9][2] == {"n": 9}
+    pq.write_table(pa.table({"body": ["x"] * 4}), tmp_path / "nocol.parquet", row_group_size=2)
+    g = tmp_path / "nocol.parquet"
+    recs = [r for lo, hi in ((0, 1), (1, -1)) for r in read_file(WorkFile(str(g), 1, "parquet", lo=lo, hi=hi))]
+    assert [r.reason for r in recs] == ["wrong_schema"]  # one reject for the file, from its first piece
 
 
 def test_binary_and_non_utf8_files(tmp_path):

@@ -2,7 +2,8 @@
 
     ledger = Ledger(cfg.stage_dir("convert"), fingerprint)
     ledger.recover()                       # after a crash: drop uncommitted files and temporaries
-    done, pending = ledger.state()         # chunk ids finished; ids waiting for their retry
+    done, waiting = ledger.counts()        # chunks finished; chunks waiting for their retry
+    ds = ledger.done_ids_ds()              # Ray Data: ids in committed converted/ or rejects/ (workers read)
     ledger.commit(converted, rejects, pending_rows, info)
 
 A commit holds up to `convert.rows_per_file` finished chunks. Its key is a hash of the chunk ids it holds
@@ -31,12 +32,13 @@ import pyarrow as pa
 from transformllm_ray.schema import Converted, Reject, to_table
 from transformllm_ray.stage import StageChanged
 from transformllm_ray.storage import (
-    exists, list_files, makedirs, read_json, read_parquet, remove, remove_temporaries, write_json_atomic,
+    list_files, makedirs, read_json, read_parquet, remove, remove_temporaries, write_json_atomic,
     write_parquet_atomic,
 )
 
 PENDING_SCHEMA = pa.schema([pa.field("id", pa.string(), False), pa.field("doc_id", pa.string(), False),
-                            pa.field("text", pa.string(), False), pa.field("tasks", pa.string(), False)])
+                            pa.field("split", pa.string(), False), pa.field("text", pa.string(), False),
+                            pa.field("tasks", pa.string(), False)])
 """pending/: the chunk, and its first attempt's task results as JSON (family, answer, status, tokens...)."""
 DIRS = ("converted", "rejects", "pending")
 
@@ -79,21 +81,32 @@ class Ledger:
                     removed += 1
         return removed
 
-    def _ids(self, sub: str, keys: list[str]) -> set[str]:
-        col = "ref" if sub == "rejects" else "id"  # a Reject names its chunk in `ref`
-        uris = [self._part(sub, k) for k in keys]
-        uris = [u for u in uris if exists(u)]
-        return set(read_parquet(uris, columns=[col])[col].to_pylist()) if uris else set()
+    def counts(self) -> tuple[int, int]:
+        """(chunks in committed converted/ or rejects/, chunks in committed pending/ not yet retried), from
+        the commit markers alone: a retry commit (attempt 2) takes each of its chunks out of pending/."""
+        ms = self.markers()
+        done = sum(int(m["converted"]) + int(m["rejected"]) for m in ms)
+        retried = sum(int(m["converted"]) + int(m["rejected"]) for m in ms if m.get("attempt") == 2)
+        return done, sum(int(m["pending"]) for m in ms) - retried
 
-    def state(self) -> tuple[set[str], set[str]]:
-        """(ids in committed converted/ or rejects/, ids in committed pending/ that are not done)."""
-        keys = [m["key"] for m in self.markers()]
-        done = self._ids("converted", keys) | self._ids("rejects", keys)
-        return done, self._ids("pending", keys) - done
+    def part_files(self, sub: str) -> list[str]:
+        """Committed part files of converted/, rejects/ or pending/."""
+        return [self._part(sub, m["key"]) for m in self.markers() if sub in m.get("files", [])]
+
+    def done_ids_ds(self):
+        """Ray Data Dataset (column `id`) of the chunk ids in committed converted/ and rejects/ files, read by
+        workers; None if nothing is committed."""
+        from transformllm_ray.dataops import map_files
+
+        parts = [map_files(self.part_files("converted"), _id_column, {"column": "id"}),
+                 map_files(self.part_files("rejects"), _id_column, {"column": "ref"})]
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
     def pending_files(self) -> list[str]:
-        uris = [self._part("pending", m["key"]) for m in self.markers()]
-        return [u for u in uris if exists(u)]
+        return self.part_files("pending")
 
     def commit(self, converted: list[dict], rejects: list[dict], pending: list[dict], info: dict) -> str:
         ids = [r["id"] for r in converted] + [r["ref"] for r in rejects] + [r["id"] for r in pending]
@@ -113,3 +126,7 @@ class Ledger:
             "key": key, "fingerprint": self.fingerprint, "files": files, "converted": len(converted),
             "rejected": len(rejects), "pending": len(pending), **info})
         return key
+
+
+def _id_column(uri: str, column: str) -> pa.Table:
+    return pa.table({"id": read_parquet(uri, columns=[column])[column]})

@@ -149,10 +149,10 @@ def select_tasks(chunk_id: str, found: dict[str, list[dict]], n: int, seed: int)
 class RegexConverter:
     """Ray Data stage (engine: regex): chunk rows in, one result row per chunk out (status ok or no_tasks).
 
-    Input columns: id, doc_id, text, position, metadata. Output columns: RESULT_COLUMNS of convert.stage.
+    Input columns: id, doc_id, split, text, position, metadata. Output columns: RESULT_COLUMNS of convert.stage.
     """
 
-    input_columns = ("id", "doc_id", "text", "position", "metadata")
+    input_columns = ("id", "doc_id", "split", "text", "position", "metadata")
 
     def __init__(self, domain: str, version: str, tasks_per_chunk: int, seed: int):
         self.db = load_prompts(domain, version)
@@ -169,7 +169,7 @@ class RegexConverter:
         tasks = select_tasks(row["id"], found, self.n, self.seed)
         ok = bool(tasks)
         return {
-            "id": row["id"], "doc_id": row["doc_id"],
+            "id": row["id"], "doc_id": row["doc_id"], "split": row["split"],
             "text": training_text(row["text"], [(t["question"], t["answer"]) for _, t in tasks], self.db) if ok else "",
             "raw_output": json.dumps([{"kind": k, **t} for k, t in tasks], ensure_ascii=False),
             "task_families": ",".join(k for k, _ in tasks),

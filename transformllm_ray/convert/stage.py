@@ -3,12 +3,13 @@
     transformllm convert --config configs/debug-local.yaml
     transformllm convert --config configs/debug-local.yaml convert.engine=regex convert.max_chunks=100
 
-Selection (driver). The chunk ids of `ingest/chunks/` (ids and doc ids only are read), minus held-out
-documents (`splits.is_heldout`: the eval set, never converted), sorted, the first `convert.max_chunks`.
-rows_in = that selection; held-out and beyond-max chunks are reported as stats, not as rejects.
+Selection (select.py). The domain chunks of `ingest/chunks/` whose `split` is not heldout (the eval set, never
+converted), in id order, the first `convert.max_chunks`: one scalar threshold id, no id list on the driver or
+in any task. rows_in = that selection; held-out and beyond-max chunks are reported as stats, not as rejects.
 
-Resume (driver). `Ledger.recover()` drops files of an unfinished commit; ids already committed are skipped;
-ids whose first attempt is committed in pending/ go straight to the retry pass. Finished work is not redone.
+Resume. `Ledger.recover()` drops files of an unfinished commit; ids already committed are subtracted by a
+Ray Data anti-join (select.anti_join); ids whose first attempt is committed in pending/ go straight to the
+retry pass. Finished work is not redone.
 
 Conversion (Ray Data, streaming). engine vllm: chunk rows -> task rows -> PromptBuilder -> ray.data.llm vLLM
 engines -> QualityGate (vllm_engine.py). engine regex: chunk rows -> RegexConverter (regex_engine.py). The
@@ -17,9 +18,9 @@ finished chunks are committed atomically (ledger.py). With `convert.retry_reject
 that failed the quality gate are committed to pending/ and, after the first pass, their failed tasks run
 once more with `convert.retry_sampling` (a second engine start-up, paid once per run, not per chunk).
 
-Accounting. Counts are read back from the committed files, not from memory; every selected chunk id must be
-in exactly one converted/ or rejects/ row, else the stage fails before writing stats.json (its completion
-marker): rows_in = rows_out + rows_rejected, exactly.
+Accounting. Counts are read back from the committed files by workers, not from memory; every selected chunk
+id must be in exactly one converted/ or rejects/ row (a group-by over ids, select.check_exactly_once), else
+the stage fails before writing stats.json (its completion marker): rows_in = rows_out + rows_rejected.
 """
 
 from __future__ import annotations
@@ -32,42 +33,22 @@ from typing import Any, Iterable
 
 from transformllm_ray.config import Config
 from transformllm_ray.convert.format import training_text
-from transformllm_ray.convert.ledger import Ledger
+from transformllm_ray.convert.ledger import PENDING_SCHEMA, Ledger
 from transformllm_ray.convert.prompts import PromptDB, load_prompts, sample_families
+from transformllm_ray.convert.select import (
+    Selection, anti_join, check_exactly_once, chunk_schema, chunks_ds, selection,
+)
+from transformllm_ray.dataops import map_files
 from transformllm_ray.schema import make_reject
-from transformllm_ray.splits import is_heldout
 from transformllm_ray.stage import stage_fingerprint, write_stats
-from transformllm_ray.storage import exists, list_files, read_parquet
+from transformllm_ray.storage import read_parquet
 
 log = logging.getLogger("transformllm")
 STAGE = "convert"
 EXCERPT = 200
-CHUNK_COLUMNS = ["id", "doc_id", "text", "position", "metadata"]
-
-
-# ------------------------------------------------------------------------------------------- selection
-def select_chunks(cfg: Config) -> tuple[list[str], list[str], dict[str, int]]:
-    """(chunk files, selected chunk ids in sorted order, counts of held-out / beyond-max / available)."""
-    files = list_files(f"{cfg.stage_dir('ingest')}/chunks", ".parquet")
-    if not files:
-        raise FileNotFoundError(f"no chunks under {cfg.stage_dir('ingest')}/chunks: run `transformllm ingest` first")
-    t = read_parquet(files, columns=["id", "doc_id"])
-    ids, docs = t["id"].to_pylist(), t["doc_id"].to_pylist()
-    if len(ids) != len(set(ids)):
-        raise ValueError("ingest/chunks holds a chunk id twice: ingest output is corrupt; rerun ingest")
-    keep = sorted(i for i, d in zip(ids, docs) if not is_heldout(d, cfg.split))
-    heldout = len(ids) - len(keep)
-    selected = keep if cfg.convert.max_chunks is None else keep[: cfg.convert.max_chunks]
-    return files, selected, {"chunks_available": len(ids), "heldout_chunks": heldout,
-                             "beyond_max_chunks": len(keep) - len(selected)}
-
-
-def keep_ids(batch, todo: list[str]):
-    """Ray Data filter (pyarrow batch): the rows whose `id` is in `todo`."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.is_in(batch["id"], value_set=pa.array(todo, pa.string())))
+DONE_MEMORY = 65536
+"""(chunk, attempt) pairs the assembler remembers as finished, to ignore task rows that a retried engine
+batch delivers again: retries come within a batch or two, so a bounded window suffices."""
 
 
 # ------------------------------------------------------------------------------------------- assembly
@@ -95,7 +76,7 @@ class ChunkAssembler:
                      "prompt_version": db.version_tag}
         self.open: dict[str, dict[int, dict]] = {}
         self.meta: dict[str, dict] = {}
-        self.done: set[tuple[str, int]] = set()
+        self.done: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self.tokens = collections.Counter()
 
     def add(self, row: dict[str, Any]) -> tuple[str, dict] | None:
@@ -111,11 +92,14 @@ class ChunkAssembler:
         self.tokens["output"] += t["output_tokens"]
         self.tokens["truncated"] += t["prompt_truncated"]
         self.tokens["engine_errors"] += t["status"] == "engine_error"
-        self.meta.setdefault(cid, {"doc_id": str(row["doc_id"]), "text": str(row["chunk_text"]),
+        self.meta.setdefault(cid, {"doc_id": str(row["doc_id"]), "split": str(row["split"]),
+                                   "text": str(row["chunk_text"]),
                                    "prev": str(row.get("prev") or ""), "n": int(row["n_tasks"])})
         if len(tasks) < self.meta[cid]["n"]:
             return None
-        self.done.add((cid, attempt))
+        self.done[(cid, attempt)] = None
+        if len(self.done) > DONE_MEMORY:
+            self.done.popitem(last=False)
         meta = self.meta.pop(cid)
         new = [tasks[i] for i in sorted(self.open.pop(cid))]
         spent = {"input_tokens": sum(t["input_tokens"] for t in new),
@@ -138,7 +122,7 @@ class ChunkAssembler:
         if not bad:
             q = [(self.db.question(t["family"], t["words"]), t["output"]) for t in final]
             return "converted", {
-                "id": cid, "doc_id": meta["doc_id"], "text": training_text(meta["text"], q, self.db),
+                "id": cid, "doc_id": meta["doc_id"], "split": meta["split"], "text": training_text(meta["text"], q, self.db),
                 "raw_output": json.dumps([t["output"] for t in final], ensure_ascii=False),
                 "task_families": ",".join(t["family"] for t in final), **self.base,
                 "sampling": json.dumps([t["sampling"] for t in final], sort_keys=True),
@@ -148,7 +132,7 @@ class ChunkAssembler:
                 "attempts": max(t["attempt"] for t in final), "seconds": 0.0}
         retryable = attempt == 1 and self.cfg.convert.retry_rejected and all(t["status"] != "engine_error" for t in bad)
         if retryable:
-            return "pending", {"id": cid, "doc_id": meta["doc_id"], "text": meta["text"],
+            return "pending", {"id": cid, "doc_id": meta["doc_id"], "split": meta["split"], "text": meta["text"],
                                "tasks": json.dumps(final, ensure_ascii=False)}
         t = bad[0]
         retried = " after a retry with convert.retry_sampling" if attempt == 2 else ""
@@ -223,18 +207,30 @@ def consume(rows: Iterable[dict], assembler: ChunkAssembler, committer: Committe
 
 
 # ------------------------------------------------------------------------------------------- passes
-def vllm_pass(cfg: Config, source_files: list[str], todo: list[str], attempt: int, ledger: Ledger,
-              db: PromptDB, model_path: str, device: str, revision: str) -> dict[str, Any]:
-    import ray
+def todo_ds(sel: Selection, ledger: Ledger, resuming: bool):
+    """Pass 1 input: the selected chunk rows, minus the committed ones when resuming."""
+    ds = chunks_ds(sel)
+    done = ledger.done_ids_ds() if resuming else None
+    return anti_join(ds, done, chunk_schema()) if done is not None else ds
 
+
+def retry_ds(ledger: Ledger):
+    """Pass 2 input: committed pending/ rows (first attempts that failed the gate) not yet done."""
+    ds = map_files(ledger.pending_files(), read_parquet)
+    if ds is None:
+        return None
+    done = ledger.done_ids_ds()
+    return anti_join(ds, done, PENDING_SCHEMA) if done is not None else ds
+
+
+def vllm_pass(cfg: Config, ds, attempt: int, ledger: Ledger, db: PromptDB, model_path: str, device: str,
+              revision: str) -> dict[str, Any]:
     from transformllm_ray.convert.vllm_engine import engine_pipeline, expand_tasks, sampling_dict
 
     c = cfg.convert
     sampling = sampling_dict(c.sampling if attempt == 1 else c.retry_sampling)
-    cols = ["id", "doc_id", "text"] + (["tasks"] if attempt == 2 else [])
-    ds = ray.data.read_parquet(source_files, columns=cols)
     ds = ds.map_batches(expand_tasks, fn_kwargs={
-        "todo": todo, "domain": c.domain, "version": c.prompt_version, "tasks_per_chunk": c.tasks_per_chunk,
+        "domain": c.domain, "version": c.prompt_version, "tasks_per_chunk": c.tasks_per_chunk,
         "seed": cfg.seed, "sampling": sampling, "attempt": attempt}, batch_format="numpy", num_cpus=0.1)
     out = engine_pipeline(ds, cfg, c.model, model_path, device)
     assembler = ChunkAssembler(cfg, db, revision)
@@ -245,14 +241,12 @@ def vllm_pass(cfg: Config, source_files: list[str], todo: list[str], attempt: in
             "commits": committer.commits, **{f"chunks_{k}": v for k, v in committer.counts.items()}}
 
 
-def regex_pass(cfg: Config, files: list[str], todo: list[str], ledger: Ledger, db: PromptDB) -> dict[str, Any]:
+def regex_pass(cfg: Config, ds, ledger: Ledger, db: PromptDB) -> dict[str, Any]:
     import ray
 
     from transformllm_ray.convert.regex_engine import RegexConverter
 
     c = cfg.convert
-    ds = ray.data.read_parquet(files, columns=CHUNK_COLUMNS)
-    ds = ds.map_batches(keep_ids, fn_kwargs={"todo": todo}, batch_format="pyarrow", num_cpus=0.1)
     ds = ds.repartition(target_num_rows_per_block=max(1, c.rows_per_file))
     ds = ds.map_batches(RegexConverter, fn_constructor_kwargs={
         "domain": c.domain, "version": c.prompt_version, "tasks_per_chunk": c.tasks_per_chunk, "seed": cfg.seed},
@@ -264,10 +258,10 @@ def regex_pass(cfg: Config, files: list[str], todo: list[str], ledger: Ledger, d
         for r in ds.iter_rows():
             if r["status"] == "ok":
                 yield "converted", {
-                    "id": r["id"], "doc_id": r["doc_id"], "text": r["text"], "raw_output": r["raw_output"],
-                    "task_families": r["task_families"], **base, "sampling": "{}", "input_tokens": 0,
-                    "output_tokens": 0, "finish_reason": r["finish_reason"], "status": "ok", "attempts": 1,
-                    "seconds": 0.0}
+                    "id": r["id"], "doc_id": r["doc_id"], "split": r["split"], "text": r["text"],
+                    "raw_output": r["raw_output"], "task_families": r["task_families"], **base, "sampling": "{}",
+                    "input_tokens": 0, "output_tokens": 0, "finish_reason": r["finish_reason"], "status": "ok",
+                    "attempts": 1, "seconds": 0.0}
             else:
                 yield "reject", make_reject(STAGE, r["id"], r["status"], r["detail"], r["excerpt"], EXCERPT).__dict__
 
@@ -280,30 +274,39 @@ def regex_pass(cfg: Config, files: list[str], todo: list[str], ledger: Ledger, d
 
 
 # ------------------------------------------------------------------------------------------- run
-def reconcile(ledger: Ledger, selected: list[str]) -> dict[str, Any]:
-    """Counts read back from the committed files; fails unless every selected id is in exactly one row."""
-    keys = [m["key"] for m in ledger.markers()]
-    conv = [f"{ledger.out}/converted/part-{k}.parquet" for k in keys]
-    rej = [f"{ledger.out}/rejects/part-{k}.parquet" for k in keys]
-    conv = [u for u in conv if exists(u)]
-    rej = [u for u in rej if exists(u)]
-    c = read_parquet(conv, columns=["id", "output_tokens", "attempts"]) if conv else None
-    r = read_parquet(rej, columns=["ref", "reason"]) if rej else None
-    ok_ids = c["id"].to_pylist() if c is not None else []
-    rej_ids = r["ref"].to_pylist() if r is not None else []
-    both = ok_ids + rej_ids
-    counts = collections.Counter(both)
-    dup = [i for i, n in counts.items() if n > 1]
-    missing = set(selected) - set(counts)
-    extra = set(counts) - set(selected)
-    if dup or missing or extra:
-        raise RuntimeError(f"convert: output does not hold each selected chunk exactly once: {len(dup)} twice, "
-                           f"{len(missing)} missing, {len(extra)} not selected (e.g. {(dup or sorted(missing) or sorted(extra))[:3]})")
-    reasons = collections.Counter(r["reason"].to_pylist()) if r is not None else collections.Counter()
-    return {"rows_out": len(ok_ids), "rows_rejected": len(rej_ids), "reject_reasons": dict(sorted(reasons.items())),
-            "output_tokens_ok": int(sum(c["output_tokens"].to_pylist())) if c is not None else 0,
-            "ok_after_retry": sum(1 for a in c["attempts"].to_pylist() if a > 1) if c is not None else 0,
-            "files": len(conv) + len(rej)}
+def _output_counts(uri: str, kind: str) -> "pa.Table":
+    """One committed part's counts: converted -> (rows, output tokens, ok after retry); rejects -> per reason."""
+    import pyarrow as pa
+
+    if kind == "converted":
+        t = read_parquet(uri, columns=["output_tokens", "attempts"])
+        return pa.table({"key": ["ok"], "rows": [t.num_rows], "output_tokens": [sum(t["output_tokens"].to_pylist())],
+                         "retried": [sum(1 for a in t["attempts"].to_pylist() if a > 1)]})
+    reasons = collections.Counter(read_parquet(uri, columns=["reason"])["reason"].to_pylist())
+    return pa.table({"key": list(reasons), "rows": list(reasons.values()), "output_tokens": [0] * len(reasons),
+                     "retried": [0] * len(reasons)},
+                    schema=pa.schema([("key", pa.string()), ("rows", pa.int64()), ("output_tokens", pa.int64()),
+                                      ("retried", pa.int64())]))
+
+
+def reconcile(ledger: Ledger, sel: Selection) -> dict[str, Any]:
+    """Counts read back from the committed files by workers; fails unless every selected id is in exactly one
+    row (select.check_exactly_once)."""
+    conv, rej = ledger.part_files("converted"), ledger.part_files("rejects")
+    check_exactly_once(sel, {"converted": conv, "rejects": rej, "dir": ledger.out + "/"})
+    ok = out_tokens = retried = 0
+    reasons: collections.Counter = collections.Counter()
+    for kind, files in (("converted", conv), ("rejects", rej)):
+        ds = map_files(files, _output_counts, {"kind": kind})
+        for r in ds.iter_rows() if ds is not None else []:
+            if kind == "converted":
+                ok += int(r["rows"])
+                out_tokens += int(r["output_tokens"])
+                retried += int(r["retried"])
+            else:
+                reasons[r["key"]] += int(r["rows"])
+    return {"rows_out": ok, "rows_rejected": sum(reasons.values()), "reject_reasons": dict(sorted(reasons.items())),
+            "output_tokens_ok": out_tokens, "ok_after_retry": retried, "files": len(conv) + len(rej)}
 
 
 def run(cfg: Config) -> dict:
@@ -313,24 +316,23 @@ def run(cfg: Config) -> dict:
     sample_families("check", c.tasks_per_chunk, db.family_names)  # fails early if tasks_per_chunk > families
     ledger = Ledger(cfg.stage_dir(STAGE), stage_fingerprint(cfg, STAGE))
     removed = ledger.recover()
-    files, selected, sel_stats = select_chunks(cfg)
-    sel = set(selected)
-    done, pending = ledger.state()
-    done, pending = done & sel, (pending & sel) - done
-    todo = [i for i in selected if i not in done and i not in pending]
+    sel = selection(cfg)
+    done, pending = ledger.counts()
+    n_todo = sel.selected - done - pending
     if done or pending or removed:
-        print(f"[convert] resuming: {len(done)} chunks already done, {len(pending)} waiting for their retry, "
+        print(f"[convert] resuming: {done} chunks already done, {pending} waiting for their retry, "
               f"{removed} uncommitted files removed", flush=True)
-    print(f"[convert] engine {c.engine}: {len(selected)} chunks selected ({sel_stats['heldout_chunks']} held out, "
-          f"{sel_stats['beyond_max_chunks']} beyond convert.max_chunks), {len(todo)} to convert", flush=True)
+    print(f"[convert] engine {c.engine}: {sel.selected} chunks selected ({sel.stats['heldout_chunks']} held out, "
+          f"{sel.stats['beyond_max_chunks']} beyond convert.max_chunks), {n_todo} to convert", flush=True)
 
     passes: list[dict] = []
-    extra: dict[str, Any] = {"engine": c.engine, "prompt_version": db.version_tag, "resumed_done": len(done),
-                             "resumed_pending": len(pending), "retried_chunks": 0}
+    extra: dict[str, Any] = {"engine": c.engine, "prompt_version": db.version_tag, "resumed_done": done,
+                             "resumed_pending": pending, "retried_chunks": 0}
+    resuming = bool(done or pending)
     if c.engine == "regex":
         extra.update(model="regex", model_revision=db.version_tag, device="cpu")
-        if todo:
-            passes.append(regex_pass(cfg, files, todo, ledger, db))
+        if n_todo:
+            passes.append(regex_pass(cfg, todo_ds(sel, ledger, resuming), ledger, db))
     else:
         from transformllm_ray.convert.vllm_engine import check_cpus, resolve_device
         from transformllm_ray.models.assets import model_revision, resolve_model
@@ -340,25 +342,24 @@ def run(cfg: Config) -> dict:
         device = resolve_device(c.vllm.device)
         check_cpus(cfg, device)
         extra.update(model=c.model, model_revision=revision, device=device)
-        if todo:
-            print(f"[convert] pass 1: {len(todo)} chunks x {c.tasks_per_chunk} tasks on {c.vllm.num_engines} "
+        if n_todo:
+            print(f"[convert] pass 1: {n_todo} chunks x {c.tasks_per_chunk} tasks on {c.vllm.num_engines} "
                   f"{device} engine(s) of {c.model}", flush=True)
-            passes.append(vllm_pass(cfg, files, todo, 1, ledger, db, model_path, device, revision))
+            passes.append(vllm_pass(cfg, todo_ds(sel, ledger, resuming), 1, ledger, db, model_path, device,
+                                    revision))
         if c.retry_rejected:
-            now_done, now_pending = ledger.state()
-            retry = sorted((now_pending - now_done) & sel)
-            if retry:
-                print(f"[convert] pass 2: retrying the failed tasks of {len(retry)} chunks with "
+            _, waiting = ledger.counts()
+            if waiting:
+                print(f"[convert] pass 2: retrying the failed tasks of {waiting} chunks with "
                       "convert.retry_sampling", flush=True)
-                extra["retried_chunks"] = len(retry)
-                passes.append(vllm_pass(cfg, ledger.pending_files(), retry, 2, ledger, db, model_path, device,
-                                        revision))
-    final = reconcile(ledger, selected)
+                extra["retried_chunks"] = waiting
+                passes.append(vllm_pass(cfg, retry_ds(ledger), 2, ledger, db, model_path, device, revision))
+    final = reconcile(ledger, sel)
     markers = ledger.markers()
     run_out = sum(p["output_tokens"] for p in passes)
     run_secs = sum(p["seconds"] for p in passes)
     stats = {
-        "rows_in": len(selected), **final, **sel_stats, **extra,
+        "rows_in": sel.selected, **final, **sel.stats, **extra,
         # Engine tokens of all committed work (every pass, every run), from the commit markers.
         "input_tokens": sum(int(m.get("input_tokens", 0)) for m in markers),
         "output_tokens": sum(int(m.get("output_tokens", 0)) for m in markers),

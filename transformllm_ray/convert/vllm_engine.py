@@ -41,10 +41,10 @@ from transformllm_ray.config import Config, QualityConfig, SamplingConfig
 from transformllm_ray.convert.prompts import load_prompts, sample_families
 from transformllm_ray.convert.quality import check_output
 
-TASK_COLUMNS = ("chunk_id", "doc_id", "chunk_text", "n_tasks", "task_index", "family", "words", "attempt",
+TASK_COLUMNS = ("chunk_id", "doc_id", "split", "chunk_text", "n_tasks", "task_index", "family", "words", "attempt",
                 "sampling", "max_tokens", "prev")
 """Columns of a task row (stage 1 output)."""
-OUT_COLUMNS = ("chunk_id", "doc_id", "chunk_text", "n_tasks", "task_index", "family", "words", "attempt",
+OUT_COLUMNS = ("chunk_id", "doc_id", "split", "chunk_text", "n_tasks", "task_index", "family", "words", "attempt",
                "sampling", "prev", "prompt_truncated", "output", "input_tokens", "output_tokens",
                "finish_reason", "status", "detail", "llm_seconds")
 """Columns of a gated task row (stage 4 output); engine-error rows carry the task columns and the error."""
@@ -63,39 +63,36 @@ def request_seed(sampling_seed: int, chunk_id: str, task_index: int, attempt: in
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
-def expand_tasks(batch: dict[str, Any], *, todo: list[str], domain: str, version: str, tasks_per_chunk: int,
+def expand_tasks(batch: dict[str, Any], *, domain: str, version: str, tasks_per_chunk: int,
                  seed: int, sampling: dict, attempt: int) -> dict[str, list]:
-    """Chunk rows -> task rows, for the chunks in `todo` only.
+    """Chunk rows -> task rows (the caller selects the chunks: convert.stage.select).
 
-    attempt 1: input columns id, doc_id, text; `tasks_per_chunk` families drawn from the chunk id.
-    attempt 2 (retry): input columns id, doc_id, text, tasks (JSON of the first attempt's task results);
+    attempt 1: input columns id, doc_id, split, text; `tasks_per_chunk` families drawn from the chunk id.
+    attempt 2 (retry): input columns id, doc_id, split, text, tasks (JSON of the first attempt's task results);
     one row per task that failed the quality gate, carrying the first attempt in `prev`.
     """
     db = load_prompts(domain, version)
-    keep = set(todo)
     out: dict[str, list] = {c: [] for c in TASK_COLUMNS}
 
-    def emit(cid, doc, text, n, i, fam, words, prev):
-        for c, v in zip(TASK_COLUMNS, (cid, doc, text, n, i, fam, words, attempt, json.dumps(sampling),
+    def emit(cid, doc, split, text, n, i, fam, words, prev):
+        for c, v in zip(TASK_COLUMNS, (cid, doc, split, text, n, i, fam, words, attempt, json.dumps(sampling),
                                         int(sampling["max_tokens"]), prev)):
             out[c].append(v)
 
     for j in range(len(batch["id"])):
-        cid = str(batch["id"][j])
-        if cid not in keep:
-            continue
+        cid, split = str(batch["id"][j]), str(batch["split"][j])
         doc, text = str(batch["doc_id"][j]), str(batch["text"][j])
         if attempt == 1:
             fams = sample_families(cid, tasks_per_chunk, db.family_names, seed)
             words = db.pick_words(text)
             for i, fam in enumerate(fams):
-                emit(cid, doc, text, len(fams), i, fam, words if "{words}" in db.families[fam].instruction +
+                emit(cid, doc, split, text, len(fams), i, fam, words if "{words}" in db.families[fam].instruction +
                      db.families[fam].question else "", "")
         else:
             prev = str(batch["tasks"][j])
             failed = [t for t in json.loads(prev) if t["status"] != "ok"]
             for t in failed:
-                emit(cid, doc, text, len(failed), t["task_index"], t["family"], t["words"], prev)
+                emit(cid, doc, split, text, len(failed), t["task_index"], t["family"], t["words"], prev)
     return out
 
 
@@ -210,7 +207,7 @@ class QualityGate:
         fin = finish_reason(tokens, list(row.get("eos_ids") or []), int(row["max_tokens"]))
         text = row.get("generated_text") or ""
         reason, detail = check_output(text, fin, self.quality)
-        out = {c: row[c] for c in ("chunk_id", "doc_id", "chunk_text", "n_tasks", "task_index", "family", "words",
+        out = {c: row[c] for c in ("chunk_id", "doc_id", "split", "chunk_text", "n_tasks", "task_index", "family", "words",
                                    "attempt", "sampling", "prev", "prompt_truncated")}
         out.update(output=text, input_tokens=int(row.get("num_input_tokens") or 0),
                    output_tokens=int(row.get("num_generated_tokens") or 0), finish_reason=fin,

@@ -2,10 +2,12 @@
 
     transformllm eval --config configs/debug-local.yaml
 
-Sets (written by the pack stage): `pack/heldout/` (raw legal chunks of held-out documents: never converted,
-never trained on) and `pack/general_eval/` (held-out general documents: the forgetting check). Each set is
+Sets: the held-out chunks of `ingest/chunks/` (split `heldout`, assigned by ingest: never converted, never
+packed): kind `domain` is `heldout_legal`, kind `general` is `general` (the forgetting check). Each set is
 tokenised with the training tokenizer, joined with EOS and cut into `train.seq_len` windows like training
-data; the first `eval.max_sequences` windows are scored. Both models see exactly the same tokens, so their
+data; the first `eval.max_sequences` windows are scored. The ingest parts are read one at a time, in name
+order (rows in id order within a part), only until the windows are full: memory and time are bounded by
+`eval.max_sequences`, not by the corpus. Both models see exactly the same tokens, so their
 perplexities compare. Each (model, set) pair is a Ray task (a GPU task on GPU clusters), run in parallel.
 
 Optional: `eval.lm_eval_tasks` runs lm-evaluation-harness tasks on both models (needs `pip install lm-eval`
@@ -24,15 +26,26 @@ from transformllm_ray.stage import write_stats
 from transformllm_ray.storage import list_files, read_parquet, write_json_atomic
 
 STAGE = "eval"
-SETS = {"heldout_legal": "heldout", "general": "general_eval"}
+SETS = {"heldout_legal": "domain", "general": "general"}
+"""Eval set -> the `kind` of its held-out ingest chunks."""
 
 
-def eval_windows(cfg: Config, folder: str) -> tuple[list[list[int]], int, int]:
+def heldout_texts(cfg: Config, kind: str):
+    """The held-out chunk texts of one kind, part by part (a generator: the caller stops when it has enough)."""
+    import pyarrow.compute as pc
+
+    for uri in sorted(list_files(f"{cfg.stage_dir('ingest')}/chunks", ".parquet")):
+        t = read_parquet(uri, columns=["id", "kind", "split", "text"])
+        t = t.filter(pc.and_(pc.equal(t["kind"], kind), pc.equal(t["split"], "heldout"))).sort_by("id")
+        yield from t["text"].to_pylist()
+
+
+def eval_windows(cfg: Config, kind: str) -> tuple[list[list[int]], int, int]:
     """(windows of seq_len token ids, texts read, texts used) for one eval set."""
     from transformllm_ray.models.assets import load_tokenizer
 
-    files = list_files(f"{cfg.stage_dir('pack')}/{folder}", ".parquet")
-    texts = [t for t in read_parquet(files, columns=["text"])["text"].to_pylist()] if files else []
+    texts = heldout_texts(cfg, kind)
+    n_read = 0
     tok = load_tokenizer(cfg.pack_tokenizer)
     seq, limit = cfg.train.seq_len, cfg.eval.max_sequences
     windows: list[list[int]] = []
@@ -41,6 +54,7 @@ def eval_windows(cfg: Config, folder: str) -> tuple[list[list[int]], int, int]:
     for text in texts:
         if len(windows) >= limit:
             break
+        n_read += 1
         if not text.strip():
             continue
         used += 1
@@ -50,7 +64,7 @@ def eval_windows(cfg: Config, folder: str) -> tuple[list[list[int]], int, int]:
             buf = buf[seq:]
     if not windows and buf:
         windows.append(buf)  # a set shorter than one window is still scored
-    return windows, len(texts), used
+    return windows, n_read, used
 
 
 def score(model_path: str, windows: list[list[int]], batch_size: int) -> dict:
@@ -99,8 +113,8 @@ def run(cfg: Config) -> dict:
     remote_score = ray.remote(num_cpus=1 if gpus else 0.5, num_gpus=gpus)(score)
 
     windows, rows_in, rows_used = {}, 0, 0
-    for name, folder in SETS.items():
-        w, n_in, n_used = eval_windows(cfg, folder)
+    for name, kind in SETS.items():
+        w, n_in, n_used = eval_windows(cfg, kind)
         windows[name] = w
         rows_in, rows_used = rows_in + n_in, rows_used + n_used
     futures = {(s, m): remote_score.remote(path, windows[s], cfg.eval.batch_size)

@@ -2,8 +2,16 @@
 
     transformllm ingest --config configs/debug-local.yaml
 
-Plan. Input files (`input.paths`, `input.builtin`) are listed, sorted and grouped into work shards of about
-`ingest.shard_bytes`; a shard's id is a hash of its files, so the plan is the same on every rerun.
+Ingest is the only stage that reads raw files: the domain corpus (`input`) and the general text (`general`)
+go through the same readers, cleaning, dedup and chunking; every chunk carries its `kind` (domain/general)
+and its document's `split` (train/val/heldout, assigned here once: splits.py). Convert takes domain chunks
+that are not held out, pack takes general chunks, eval takes held-out chunks.
+
+Plan (driver). Input files are listed, sorted and cut into work shards of about `ingest.shard_bytes`: small
+files are grouped; a large uncompressed JSONL file is cut into byte ranges (a piece yields the lines that start
+in its range), a large Parquet file into runs of row groups; compressed files and whole-file text documents
+are one piece each. A shard's id is a hash of its pieces, so the plan is the same on every rerun. The driver
+holds the plan, O(shards), and reads nothing but the footers of large Parquet files.
 
 Phase 1, on Ray Data. The shards flow through `ShardProcessor` actors (fixed pool, fractional CPUs so a
 2-CPU machine does not deadlock): read with pyarrow filesystems (local, s3://, gs://), parse, normalise,
@@ -12,17 +20,18 @@ length-filter, hash, drop in-shard duplicates, chunk with the converter's tokeni
 marker, with its input count). A rerun after a kill skips marked shards and redoes only the rest; partial
 files are temporaries that never get a final name, and names derive from shard ids, so a redo overwrites.
 
-Phase 2, on the driver. Exact duplicates across shards: of all copies of a text, the one with the smallest
-input reference (file order, then line) is kept, the same choice phase 1 makes within a shard, so the result
-does not depend on how files were grouped. Only shards holding a later copy are rewritten (the duplicate
-moves to rejects/, idempotently). Counts are then read back from the files themselves and `stats.json` is
-written last. Rows are input records (JSONL lines, Parquet rows, text files, unreadable files):
-rows_in = rows_out (documents kept) + rows_rejected, exactly.
+Phase 2, on Ray Data. Exact duplicates across shards: of all copies of a text the one with the smallest
+(kind, input reference) is kept (domain before general, then file order and offset), the same choice phase 1
+makes within a shard, so the result does not depend on how files were cut. A hash-partitioned group-by over
+the documents' first chunks finds texts seen more than once and names the later copies, and a group-by on
+the shard rewrites only the shards holding one (the copy moves to rejects/, idempotently). Counts are then
+aggregated from the files themselves and `stats.json` is written last. Rows are input records (JSONL lines,
+Parquet rows, text files, unreadable files): rows_in = rows_out (documents kept) + rows_rejected, exactly.
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,86 +42,132 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transformllm_ray.config import Config
+from transformllm_ray.config import Config, SourceConfig
+from transformllm_ray.dataops import UnitWorker, map_files, run_units, shuffle_partitions, sort_shuffle
 from transformllm_ray.schema import Chunk, Reject, make_reject, to_table
 from transformllm_ray.sources.builtin import BUILTINS
-from transformllm_ray.sources.readers import RawDoc, WorkFile, detect_format, read_file
+from transformllm_ray.sources.readers import RawDoc, WorkFile, detect_format, is_compressed, read_file
+from transformllm_ray.splits import assign_split
 from transformllm_ray.stage import write_stats
 from transformllm_ray.storage import (
-    exists, expand_inputs, list_files, makedirs, read_json, read_parquet, remove, remove_temporaries,
-    write_json_atomic, write_parquet_atomic,
+    expand_inputs, filesystem, list_files, makedirs, read_parquet, remove, remove_temporaries,
+    write_parquet_atomic,
 )
 from transformllm_ray.text import content_id, normalize
 
 log = logging.getLogger("transformllm")
 STAGE = "ingest"
+KINDS = ("domain", "general")
+MIN_PIECE_BYTES = 4096
+"""Smallest byte range a file is cut into, whatever ingest.shard_bytes says: below a few KB a piece costs more
+in per-unit overhead (a marker, two part files) than reading it."""
 
 
 # ------------------------------------------------------------------------------------------------ plan
+def source_of(cfg: Config, kind: str) -> SourceConfig:
+    return cfg.input if kind == "domain" else cfg.general
+
+
 def list_work_files(cfg: Config) -> list[WorkFile]:
+    """Every input file of both sources (domain first), each source sorted by name and cut at max_files."""
     files: list[WorkFile] = []
-    if cfg.input.builtin:
-        files += BUILTINS[cfg.input.builtin]()
-    if cfg.input.paths:
-        files += [WorkFile(f.uri, f.size, detect_format(f.uri, cfg.input.format))
-                  for f in expand_inputs(cfg.input.paths)]
-    files.sort(key=lambda f: f.name)
-    if cfg.input.max_files:
-        files = files[: cfg.input.max_files]
+    for kind in KINDS:
+        src = source_of(cfg, kind)
+        if src.empty:
+            continue
+        found: list[WorkFile] = []
+        if src.builtin:
+            found += [dataclasses.replace(f, kind=kind) for f in BUILTINS[src.builtin]()]
+        if src.paths:
+            found += [WorkFile(f.uri, f.size, detect_format(f.uri, src.format), kind=kind)
+                      for f in expand_inputs(src.paths)]
+        found.sort(key=lambda f: f.name)
+        files += found[: src.max_files] if src.max_files else found
     return files
 
 
+def _parquet_row_groups(f: WorkFile) -> list[int]:
+    """Compressed bytes of each row group of a Parquet file ([] if its footer cannot be read: the reader
+    then rejects the file as a whole)."""
+    import pyarrow.parquet as pq
+
+    try:
+        fs, path = filesystem(f.uri)
+        md = pq.ParquetFile(fs.open_input_file(path)).metadata
+    except (pa.ArrowInvalid, OSError):
+        return []
+    return [sum(md.row_group(i).column(j).total_compressed_size for j in range(md.num_columns))
+            for i in range(md.num_row_groups)]
+
+
+def split_file(f: WorkFile, shard_bytes: int) -> list[tuple[WorkFile, int]]:
+    """(piece, bytes) pieces of one file, each about shard_bytes where the format allows a cut."""
+    if f.size <= shard_bytes or is_compressed(f.uri) or f.fmt not in ("jsonl", "parquet"):
+        return [(f, f.size)]
+    if f.fmt == "jsonl":
+        step = max(shard_bytes, MIN_PIECE_BYTES)
+        return [(dataclasses.replace(f, lo=a, hi=min(a + step, f.size)), min(step, f.size - a))
+                for a in range(0, f.size, step)]
+    groups = _parquet_row_groups(f)
+    if len(groups) <= 1:
+        return [(f, f.size)]
+    # In file bytes, like every other piece: the footer and page headers spread over the row groups.
+    scale = f.size / max(sum(groups), 1)
+    groups = [g * scale for g in groups]
+    pieces, lo, size = [], 0, 0.0
+    for i, g in enumerate(groups):
+        if i > lo and size + g > shard_bytes:  # close the run before it would overshoot
+            pieces.append((dataclasses.replace(f, lo=lo, hi=i), round(size)))
+            lo, size = i, 0.0
+        size += g
+    pieces.append((dataclasses.replace(f, lo=lo, hi=len(groups)), round(size)))
+    return pieces
+
+
 def plan_shards(files: list[WorkFile], shard_bytes: int) -> list[dict]:
-    """Group consecutive files into shards of ~shard_bytes; id = hash of member refs and sizes."""
+    """Work shards of at most shard_bytes (or one larger piece): consecutive small files grouped, large files
+    cut (split_file).
+    id = hash of the member pieces (reference, size, kind, range)."""
     shards, cur, size = [], [], 0
     for f in files:
-        cur.append(f)
-        size += f.size
-        if size >= shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
+        for piece, n in split_file(f, shard_bytes):
+            if cur and size + n > shard_bytes:  # a shard stays within shard_bytes unless one piece is larger
+                shards.append(cur)
+                cur, size = [], 0
+            cur.append(piece)
+            size += n
     if cur:
         shards.append(cur)
     out = []
     for group in shards:
-        h = hashlib.sha256("\n".join(f"{f.name}\t{f.size}" for f in group).encode()).hexdigest()[:16]
-        out.append({"shard_id": h, "files": json.dumps([f.__dict__ for f in group])})
+        key = "\n".join(f"{p.name}\t{p.size}\t{p.kind}\t{p.lo}\t{p.hi}" for p in group)
+        h = hashlib.sha256(key.encode()).hexdigest()[:16]
+        out.append({"unit_id": h, "files": json.dumps([p.__dict__ for p in group])})
     return out
 
 
 # ------------------------------------------------------------------------------------------------ phase 1
-class ShardProcessor:
-    """Ray Data stage: one work shard in, one row of counts out (the shard's records go to its work files).
+class ShardProcessor(UnitWorker):
+    """Ray Data stage: one work shard in (unit_id, files: JSON list of WorkFile pieces), one row of counts
+    out; the shard's records go to its part files. __init__ loads the tokenizer once per actor."""
 
-    Input columns: shard_id, files (JSON list of WorkFile). __init__ loads the tokenizer once per actor.
-    """
+    input_columns = ("unit_id", "files")
 
-    input_columns = ("shard_id", "files")
-
-    def __init__(self, cfg_json: str, marker_dir: str):
+    def __init__(self, marker_dir: str, cfg_json: str):
         from transformllm_ray.config import config_from_dict
         from transformllm_ray.ingest.chunking import Chunker
         from transformllm_ray.models.assets import load_fast_tokenizer
 
+        super().__init__(marker_dir)
         self.cfg = config_from_dict(json.loads(cfg_json))
-        self.marker_dir = marker_dir
         self.chunker = Chunker(load_fast_tokenizer(self.cfg.ingest_tokenizer), self.cfg.ingest.chunk_tokens)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        missing = [c for c in self.input_columns if c not in batch]
-        if missing:
-            raise KeyError(f"ShardProcessor needs columns {missing}")
-        rows = [process_shard(sid, files, self.cfg, self.chunker, self.marker_dir)
-                for sid, files in zip(batch["shard_id"], batch["files"])]
-        assert len(rows) == len(batch["shard_id"]), "one output row per input row"
-        return {k: [r[k] for r in rows] for k in rows[0]}
+    def process(self, unit: dict[str, Any]) -> dict[str, Any]:
+        return process_shard(unit["unit_id"], unit["files"], self.cfg, self.chunker)
 
 
-def process_shard(shard_id: str, files_json: str, cfg: Config, chunker, marker_dir: str) -> dict:
-    """Process one shard (unless its marker exists); writes its chunks/rejects parts; returns its counts."""
-    marker = f"{marker_dir}/{shard_id}.json"
-    if exists(marker):
-        return read_json(marker)
+def process_shard(shard_id: str, files_json: str, cfg: Config, chunker) -> dict:
+    """Process one shard: writes its chunks/rejects parts; returns its counts (the caller writes the marker)."""
     t0 = time.time()
     ic = cfg.ingest
     chunks: list[Chunk] = []
@@ -120,7 +175,7 @@ def process_shard(shard_id: str, files_json: str, cfg: Config, chunker, marker_d
     seen: dict[str, str] = {}
     rows_in = docs_out = 0
     for wf in (WorkFile(**d) for d in json.loads(files_json)):
-        for rec in read_file(wf, cfg.input.text_field, ic.excerpt_chars):
+        for rec in read_file(wf, source_of(cfg, wf.kind).text_field, ic.excerpt_chars):
             rows_in += 1
             if not isinstance(rec, RawDoc):
                 rejects.append(rec)
@@ -142,85 +197,145 @@ def process_shard(shard_id: str, files_json: str, cfg: Config, chunker, marker_d
             seen[doc_id] = rec.ref
             docs_out += 1
             meta = json.dumps(rec.metadata, sort_keys=True, default=str)
+            split = assign_split(doc_id, cfg.split)
             for pos, (body, n) in enumerate(chunker.split(text)):
-                chunks.append(Chunk(id=f"{doc_id}-{pos:04d}", doc_id=doc_id, source=rec.ref, position=pos,
-                                    text=body, n_tokens=n, metadata=meta))
+                chunks.append(Chunk(id=f"{doc_id}-{pos:04d}", doc_id=doc_id, source=rec.ref, kind=wf.kind,
+                                    split=split, position=pos, text=body, n_tokens=n, metadata=meta))
     assert rows_in == docs_out + len(rejects)
     out = cfg.stage_dir(STAGE)
     write_parquet_atomic(to_table(rejects, Reject), f"{out}/rejects/part-{shard_id}.parquet")
     write_parquet_atomic(to_table(chunks, Chunk), f"{out}/chunks/part-{shard_id}.parquet")
-    counts = {"shard_id": shard_id, "rows_in": rows_in, "docs_out": docs_out, "rejected": len(rejects),
-              "chunks": len(chunks), "seconds": round(time.time() - t0, 3)}
-    write_json_atomic(marker, counts)
-    return counts
+    return {"rows_in": rows_in, "docs_out": docs_out, "rejected": len(rejects), "chunks": len(chunks),
+            "seconds": round(time.time() - t0, 3)}
 
 
 def run_phase1(cfg: Config, shards: list[dict], marker_dir: str) -> list[dict]:
-    import ray
-
-    pending = [s for s in shards if not exists(f"{marker_dir}/{s['shard_id']}.json")]
-    done = [read_json(f"{marker_dir}/{s['shard_id']}.json") for s in shards if s not in pending]
-    if done:
-        print(f"[ingest] resuming: {len(done)}/{len(shards)} shards already done", flush=True)
-    if not pending:
-        return done
     ic = cfg.ingest
-    n_actors = min(ic.num_actors, len(pending))
-    ds = ray.data.from_items(pending, override_num_blocks=len(pending))
-    ds = ds.map_batches(
-        ShardProcessor,
-        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "marker_dir": marker_dir},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_cpus=ic.cpus_per_actor,
-        # Each actor tokenises on its own core; tokenizers' Rust thread pool on top would oversubscribe.
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-    )
-    return done + list(ds.iter_rows())
+    # Each actor tokenises on its own core; tokenizers' Rust thread pool on top would oversubscribe.
+    return run_units(STAGE, shards, ShardProcessor, {"cfg_json": cfg.model_dump_json()}, marker_dir,
+                     ic.num_actors, ic.cpus_per_actor, env={"TOKENIZERS_PARALLELISM": "false"})
 
 
 # ------------------------------------------------------------------------------------------------ phase 2
-def cross_shard_duplicates(chunk_dir: str, shard_ids: list[str]) -> dict[str, dict[str, str]]:
-    """{shard_id: {doc_id: keeper_ref}} for documents whose text also appears earlier in another shard."""
-    firsts: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
-    for sid in shard_ids:
-        t = read_parquet(f"{chunk_dir}/part-{sid}.parquet", columns=["doc_id", "source", "position"])
-        t = t.filter(pc.equal(t["position"], 0))
-        for doc_id, src in zip(t["doc_id"].to_pylist(), t["source"].to_pylist()):
-            firsts[doc_id].append((src, sid))
-    losers: dict[str, dict[str, str]] = collections.defaultdict(dict)
-    for doc_id, copies in firsts.items():
-        if len(copies) > 1:
-            copies.sort()
-            for src, sid in copies[1:]:
-                losers[sid][doc_id] = copies[0][0]
-    return losers
+def _first_chunks(uri: str) -> pa.Table:
+    """A part file's documents (their first chunks) as (doc_id, order, shard): `order` sorts the copies of one
+    text (domain before general, then input reference, i.e. file and offset), `shard` names the part."""
+    t = read_parquet(uri, columns=["doc_id", "source", "kind", "position"])
+    t = t.filter(pc.equal(t["position"], 0))
+    rank = pc.if_else(pc.equal(t["kind"], "domain"), "0", "1")
+    shard = os.path.basename(uri)[len("part-"):-len(".parquet")]
+    return pa.table({"doc_id": t["doc_id"], "order": pc.binary_join_element_wise(rank, t["source"], ""),
+                     "shard": pa.array([shard] * t.num_rows, pa.string())})
 
 
-def drop_duplicates(cfg: Config, sid: str, drop: dict[str, str]) -> None:
+def _later_copies(group: pa.Table) -> pa.Table:
+    """map_groups over the copies of one text: every copy but the first, with the first's reference."""
+    if group.num_rows < 2:
+        return group.slice(0, 0).append_column("keeper", pa.array([], pa.string()))
+    group = group.sort_by("order")
+    keeper = group["order"][0].as_py()[1:]
+    later = group.slice(1)
+    return later.append_column("keeper", pa.array([keeper] * later.num_rows, pa.string()))
+
+
+def _drop_group(group: pa.Table, out_dir: str, excerpt_chars: int) -> pa.Table:
+    """map_groups over one shard's later copies: move them from its chunks/ to its rejects/."""
+    sid = group["shard"][0].as_py()
+    moved = drop_duplicates(out_dir, sid, dict(zip(group["doc_id"].to_pylist(), group["keeper"].to_pylist())),
+                            excerpt_chars)
+    return pa.table({"shard": [sid], "moved": [moved]})
+
+
+def cross_shard_dedup(cfg: Config, shard_ids: list[str]) -> int:
+    """Move every later copy of a text seen in an earlier shard to rejects/; returns how many moved.
+
+    Why a partitioned Ray Data step and not a set on the driver: the step sees one narrow row per document
+    (~60 bytes: id, reference, shard), grouped by document id over the cluster's workers, and the driver
+    receives one row per shard that held a copy. At 10x the presets' size (5B tokens, ~3M documents) that is
+    ~200 MB of rows spread over the workers' object stores (spilled to disk if need be) and O(shards) rows on
+    the driver, where a driver-side set would hold every hash at once. Both group-bys are sort-shuffles
+    (dataops.sort_shuffle): tasks only, no per-run aggregator actors."""
+    out = cfg.stage_dir(STAGE)
+    with sort_shuffle():
+        firsts = map_files([f"{out}/chunks/part-{sid}.parquet" for sid in shard_ids], _first_chunks)
+        if firsts is None:
+            return 0
+        n = shuffle_partitions()
+        later = firsts.groupby("doc_id", num_partitions=n).map_groups(_later_copies, batch_format="pyarrow")
+        moved = later.groupby("shard", num_partitions=n).map_groups(
+            _drop_group, fn_kwargs={"out_dir": out, "excerpt_chars": cfg.ingest.excerpt_chars},
+            batch_format="pyarrow")
+        return sum(int(r["moved"]) for r in moved.iter_rows())
+
+
+def drop_duplicates(out: str, sid: str, drop: dict[str, str], excerpt_chars: int) -> int:
     """Move the documents `drop` (doc_id -> keeper ref) of one shard from chunks/ to rejects/.
 
     Idempotent under a kill between the two writes: rejects/ is written first and never gets the same
     (ref, duplicate) row twice; chunks/ is rewritten only while it still holds the documents.
     """
-    out = cfg.stage_dir(STAGE)
     chunks = read_parquet(f"{out}/chunks/part-{sid}.parquet")
     rejects = read_parquet(f"{out}/rejects/part-{sid}.parquet")
-    is_dup = pc.is_in(chunks["doc_id"], value_set=pa.array(list(drop)))
+    is_dup = pc.is_in(chunks["doc_id"], value_set=pa.array(list(drop), pa.string()))
     dups = chunks.filter(pc.and_(is_dup, pc.equal(chunks["position"], 0)))
     have = {(r, c) for r, c in zip(rejects["ref"].to_pylist(), rejects["reason"].to_pylist())}
-    extra = [make_reject(STAGE, src, "duplicate", f"same text as {drop[d]}", txt, cfg.ingest.excerpt_chars)
+    extra = [make_reject(STAGE, src, "duplicate", f"same text as {drop[d]}", txt, excerpt_chars)
              for d, src, txt in zip(dups["doc_id"].to_pylist(), dups["source"].to_pylist(),
                                     dups["text"].to_pylist()) if (src, "duplicate") not in have]
-    write_parquet_atomic(pa.concat_tables([rejects, to_table(extra, Reject)]), f"{out}/rejects/part-{sid}.parquet")
-    write_parquet_atomic(chunks.filter(pc.invert(is_dup)), f"{out}/chunks/part-{sid}.parquet")
+    if extra:
+        write_parquet_atomic(pa.concat_tables([rejects, to_table(extra, Reject)]), f"{out}/rejects/part-{sid}.parquet")
+    if dups.num_rows:
+        write_parquet_atomic(chunks.filter(pc.invert(is_dup)), f"{out}/chunks/part-{sid}.parquet")
+    return dups.num_rows
+
+
+# ------------------------------------------------------------------------------------------------ counts
+def _part_counts(uri: str, rejects_dir: str) -> pa.Table:
+    """One shard's counts, read back from its files: (kind, split, docs, chunks, tokens) rows, plus one
+    (reason, count) row per reject reason under kind `reject`."""
+    t = read_parquet(uri, columns=["kind", "split", "n_tokens", "position"])
+    rows: dict[tuple[str, str], list[int]] = {}
+    for kind, split, n, pos in zip(*(t[c].to_pylist() for c in ("kind", "split", "n_tokens", "position"))):
+        r = rows.setdefault((kind, split), [0, 0, 0])
+        r[0] += pos == 0
+        r[1] += 1
+        r[2] += n
+    reasons: dict[str, int] = {}
+    for reason in read_parquet(f"{rejects_dir}/{os.path.basename(uri)}", columns=["reason"])["reason"].to_pylist():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    keys = list(rows) + [("reject", r) for r in reasons]
+    vals = list(rows.values()) + [[0, c, 0] for c in reasons.values()]
+    return pa.table({"kind": [k for k, _ in keys], "split": [s for _, s in keys], "docs": [v[0] for v in vals],
+                     "chunks": [v[1] for v in vals], "tokens": [v[2] for v in vals]},
+                    schema=pa.schema([("kind", pa.string()), ("split", pa.string()), ("docs", pa.int64()),
+                                      ("chunks", pa.int64()), ("tokens", pa.int64())]))
+
+
+def count_outputs(cfg: Config, shard_ids: list[str]) -> dict:
+    """Documents, chunks and tokens by kind and split, and rejects by reason, read back from the files in
+    workers (one small row per shard, kind and split reaches the driver)."""
+    out = cfg.stage_dir(STAGE)
+    by: dict[str, dict[str, dict[str, int]]] = {}
+    reasons: dict[str, int] = {}
+    ds = map_files([f"{out}/chunks/part-{sid}.parquet" for sid in shard_ids], _part_counts,
+                   {"rejects_dir": f"{out}/rejects"})
+    for r in ds.iter_rows() if ds is not None else []:
+        if r["kind"] == "reject":
+            reasons[r["split"]] = reasons.get(r["split"], 0) + int(r["chunks"])
+            continue
+        cur = by.setdefault(r["kind"], {}).setdefault(r["split"], {"docs": 0, "chunks": 0, "tokens": 0})
+        for k in ("docs", "chunks", "tokens"):
+            cur[k] += int(r[k])
+    total = lambda k, kind=None: sum(v[k] for kd, s in by.items() if kind in (None, kd) for v in s.values())  # noqa: E731
+    return {"docs_out": total("docs"), "chunks_out": total("chunks"), "tokens_out": total("tokens"),
+            "domain_tokens": total("tokens", "domain"), "general_tokens": total("tokens", "general"),
+            "by_kind_split": {k: dict(sorted(v.items())) for k, v in sorted(by.items())},
+            "reject_reasons": dict(sorted(reasons.items()))}
 
 
 def finalize(cfg: Config, shard_ids: list[str]) -> dict:
     """Cross-shard dedup, removal of parts from an older plan, and counts read back from the files."""
     out = cfg.stage_dir(STAGE)
-    for sid, drop in cross_shard_duplicates(f"{out}/chunks", shard_ids).items():
-        drop_duplicates(cfg, sid, drop)
     # Parts of shards not in this plan (the input changed since an earlier run) would be read as
     # output: remove them.
     keep = {f"part-{sid}.parquet" for sid in shard_ids}
@@ -228,13 +343,8 @@ def finalize(cfg: Config, shard_ids: list[str]) -> dict:
         for uri in list_files(f"{out}/{sub}", ".parquet"):
             if os.path.basename(uri) not in keep:
                 remove(uri)
-    chunks = read_parquet([f"{out}/chunks/part-{sid}.parquet" for sid in shard_ids],
-                          columns=["doc_id", "n_tokens"])
-    reasons = collections.Counter(read_parquet([f"{out}/rejects/part-{sid}.parquet" for sid in shard_ids],
-                                               columns=["reason"])["reason"].to_pylist())
-    return {"docs_out": len(pc.unique(chunks["doc_id"])), "chunks_out": chunks.num_rows,
-            "tokens_out": int(pc.sum(chunks["n_tokens"]).as_py() or 0),
-            "reject_reasons": dict(sorted(reasons.items()))}
+    moved = cross_shard_dedup(cfg, shard_ids)
+    return {"cross_shard_duplicates_moved": moved, **count_outputs(cfg, shard_ids)}
 
 
 def run(cfg: Config) -> dict:
@@ -249,12 +359,11 @@ def run(cfg: Config) -> dict:
     shards = plan_shards(files, cfg.ingest.shard_bytes)
     print(f"[ingest] {len(files)} files in {len(shards)} shards", flush=True)
     counts = run_phase1(cfg, shards, marker_dir)
-    final = finalize(cfg, [s["shard_id"] for s in shards])
+    final = finalize(cfg, [s["unit_id"] for s in shards])
     reasons = final["reject_reasons"]
     stats = write_stats(cfg, STAGE, {
-        "rows_in": sum(c["rows_in"] for c in counts), "rows_out": final["docs_out"],
-        "rows_rejected": sum(reasons.values()), "reject_reasons": reasons, "files": len(files),
-        "shards": len(shards), "chunks_out": final["chunks_out"], "tokens_out": final["tokens_out"],
+        "rows_in": sum(c["rows_in"] for c in counts), "rows_out": final.pop("docs_out"),
+        "rows_rejected": sum(reasons.values()), "files": len(files), "shards": len(shards), **final,
         "tokenizer": cfg.ingest_tokenizer, "chunk_tokens": cfg.ingest.chunk_tokens,
         "seconds": round(time.time() - t0, 3),
     })

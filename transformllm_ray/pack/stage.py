@@ -1,276 +1,450 @@
-"""Pack stage: tokenise training texts, mix with general text, join with EOS, pack fixed-length sequences.
+"""Pack stage: tokenise training texts, mix in general text, join with EOS, cut fixed-length sequences; on
+Ray Data workers, with the driver holding O(files + buckets), never tokens.
 
     transformllm pack --config configs/debug-local.yaml
 
 Inputs
-- domain: the `text` column of `convert/converted/` (or of `pack.domain_paths`, any Parquet with a text
-  column, so packing works before/without conversion), plus, with `pack.include_raw_chunks`, the raw chunks of
-  documents that were not converted;
-- general: `pack.general_paths` / `pack.general_builtin`, mixed in at `pack.mix_ratio` general tokens per
-  domain token (AdaptLLM's best for law: 1:1). Documents are taken in a seeded order until the ratio is met;
-  the rest are rejected as `general_not_needed` (so rows reconcile), a shortfall is reported, not padded.
+- domain: the `text` of `convert/converted/` (or of `pack.domain_paths`, any Parquet with a text column, so
+  packing works before/without conversion), plus, with `pack.include_raw_chunks`, the raw chunks of the
+  domain documents of which no chunk was converted (kind `raw`);
+- general: ingest's `general` chunks, mixed in at `pack.mix_ratio` general tokens per domain token.
+Held-out chunks are never read (they are eval's); every row keeps the `split` ingest gave its document.
 
-Splits are by document (`splits.py`): validation documents go only to `packed/val/`, held-out documents never
-reach training. Documents are shuffled with the seed, tokenised with the *training* model's tokenizer (Ray
-Data actors), each followed by EOS, concatenated and cut into `train.seq_len` windows; the final partial window
-is dropped and counted as waste. Deterministic for a seed.
+Algorithm (three phases, each resumable):
+A. Tokenise (work units = input files, `dataops.run_units`). Each unit writes `_tokens/<unit>.parquet`
+   (kind, split, id, doc_id, key, n_tokens, input_ids), then its marker with counts by kind and split.
+   `key` = 60 bits of sha256(seed:doc_id): the seeded order of documents; every row of a document, raw or
+   converted, shares it, so a document stays contiguous and lands in one bucket.
+B. Mix budget (narrow rows). Per split, the general budget is mix_ratio x domain tokens (EOS included). The
+   general rows, sorted by (key, id) in a distributed sort, stream past the driver, which keeps a running sum
+   and stops at the row that crosses the budget: that row is cut to the exact remainder, the rest are
+   `general_not_needed`. The driver keeps one threshold per split, so the mix is met to the token.
+C. Pack (a sort-shuffle group-by on (split, bucket)). bucket = key x n_buckets >> 60, n_buckets =
+   ceil(split tokens / pack.bucket_tokens). Each group is sorted by (key, id); raw rows of documents that have
+   converted rows are dropped (`raw_superseded`); texts are joined with EOS and cut into `train.seq_len`
+   windows; the bucket's last partial window is dropped as waste. The worker writes
+   `packed/<split>/part-<bucket>.parquet` then its marker; a rerun skips marked buckets.
+
+Waste bound: at most seq_len - 1 tokens per bucket, i.e. < n_buckets x seq_len tokens in all (at the presets'
+1B tokens with 16M-token buckets and seq_len 2048: < 64 x 2048 = 0.013%).
+Deterministic: the inputs, the seed and the config fix every key, threshold, bucket and order, so a rerun
+(after a kill -9 at any moment, too) writes the same sequences. A sequence's id is bucket << 32 | index.
 
 Outputs (under pack/): `packed/train/part-*.parquet`, `packed/val/part-*.parquet` (input_ids list<int32> of
-exactly seq_len, sequence, doc_ids), `heldout/part-00000.parquet` (raw held-out legal chunks for eval: never
-converted, never trained on), `general_eval/part-00000.parquet` (held-out general documents, the forgetting
-check), and stats.json (tokens in, packed, waste, sequences, mix achieved).
+exactly seq_len, sequence, doc_ids), stats.json. Rows are input rows (texts): rows_in = rows_out (packed) +
+rows_rejected (empty, general_not_needed, raw_superseded, heldout for pack.domain_paths rows).
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
+import json
 import logging
+import math
 import time
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from transformllm_ray.config import Config
-from transformllm_ray.sources.builtin import BUILTINS
-from transformllm_ray.sources.readers import RawDoc, WorkFile, detect_format, read_file
-from transformllm_ray.splits import is_heldout, is_val
+from transformllm_ray.dataops import UnitWorker, map_files, run_units, shuffle_partitions, sort_shuffle
+from transformllm_ray.splits import SPLITS, assign_split
 from transformllm_ray.stage import write_stats
 from transformllm_ray.storage import (
-    expand_inputs, list_files, makedirs, read_parquet, remove, write_parquet_atomic,
+    exists, expand_inputs, list_files, makedirs, read_json, read_parquet, remove, remove_temporaries,
+    write_json_atomic, write_parquet_atomic,
 )
-from transformllm_ray.text import content_id, normalize
+from transformllm_ray.text import content_id
 
 log = logging.getLogger("transformllm")
 STAGE = "pack"
-SEQS_PER_FILE = 1024
-MIN_GENERAL_CHARS = 200
+KEY_BITS = 60
+TRAIN_SPLITS = ("train", "val")
+TOKEN_SCHEMA = pa.schema([("kind", pa.string()), ("split", pa.string()), ("id", pa.string()),
+                          ("doc_id", pa.string()), ("key", pa.int64()), ("n_tokens", pa.int64()),
+                          ("input_ids", pa.list_(pa.int32()))])
+"""_tokens/ parts: one row per input text."""
+PACKED_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("sequence", pa.int64()),
+                           ("doc_ids", pa.list_(pa.string()))])
 
 
-class TokenizeTexts:
-    """Ray Data stage: `text` -> `input_ids` (training tokenizer, no special tokens). One row out per row in.
+def order_key(seed: int, doc_id: str) -> int:
+    return int(hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()[: KEY_BITS // 4], 16)
 
-    Input columns: text. __init__ loads the tokenizer once per actor.
-    """
 
-    input_columns = ("text",)
+# ------------------------------------------------------------------------------------------------ phase A
+def plan_units(cfg: Config) -> list[dict]:
+    """Tokenising units: one per input file. role: converted | external (pack.domain_paths) | ingest."""
+    units: list[tuple[str, str]] = []
+    if cfg.pack.domain_paths:
+        units += [("external", f.uri) for f in expand_inputs(cfg.pack.domain_paths)]
+    else:
+        conv_dir = f"{cfg.stage_dir('convert')}/converted"
+        units += [("converted", u) for u in list_files(conv_dir, ".parquet")]
+        if not units and not cfg.pack.include_raw_chunks:
+            raise FileNotFoundError(f"no converted text under {conv_dir}: run `transformllm convert` first, or "
+                                    "set pack.domain_paths or pack.include_raw_chunks=true")
+    if cfg.pack.include_raw_chunks or cfg.pack.mix_ratio > 0:
+        ingest = list_files(f"{cfg.stage_dir('ingest')}/chunks", ".parquet")
+        if not ingest:
+            raise FileNotFoundError(f"no chunks under {cfg.stage_dir('ingest')}/chunks: run `transformllm ingest`")
+        units += [("ingest", u) for u in ingest]
+    return [{"unit_id": "tok-" + hashlib.sha256(f"{r}\t{u}".encode()).hexdigest()[:16], "role": r, "uri": u}
+            for r, u in units]
 
-    def __init__(self, tokenizer: str):
+
+def unit_rows(cfg: Config, role: str, uri: str) -> tuple[pa.Table, dict[str, int]]:
+    """(kind, split, id, doc_id, text) rows a unit packs, and its rows rejected before tokenising."""
+    rejected: dict[str, int] = {}
+    if role == "converted":
+        t = read_parquet(uri, columns=["id", "doc_id", "split", "text", "status"])
+        t = t.filter(pc.equal(t["status"], "ok"))
+        kind = pa.array(["domain"] * t.num_rows, pa.string())
+        return pa.table({"kind": kind, "split": t["split"], "id": t["id"], "doc_id": t["doc_id"],
+                         "text": t["text"]}), rejected
+    if role == "external":
+        t = read_parquet(uri)
+        if "text" not in t.column_names:
+            raise ValueError(f"pack.domain_paths: no `text` column in {uri} (columns {t.column_names})")
+        texts = [x or "" for x in t["text"].to_pylist()]
+        ids = ([str(x) for x in t["id"].to_pylist()] if "id" in t.column_names
+               else [f"{uri}#R{i}" for i in range(t.num_rows)])
+        docs = (t["doc_id"].to_pylist() if "doc_id" in t.column_names else [content_id(x) for x in texts])
+        # Rows from outside the pipeline: their own split column if they have one, else every row is train.
+        splits = t["split"].to_pylist() if "split" in t.column_names else ["train"] * t.num_rows
+        bad = [s for s in splits if s not in SPLITS]
+        if bad:
+            raise ValueError(f"pack.domain_paths: {uri}: split must be one of {SPLITS}, got {bad[0]!r}")
+        t = pa.table({"kind": ["domain"] * t.num_rows, "split": splits, "id": ids, "doc_id": docs, "text": texts},
+                     schema=pa.schema([(c, pa.string()) for c in ("kind", "split", "id", "doc_id", "text")]))
+        held = pc.equal(t["split"], "heldout")
+        rejected["heldout"] = int(pc.sum(held).as_py() or 0)
+        return t.filter(pc.invert(held)), rejected
+    t = read_parquet(uri, columns=["kind", "split", "id", "doc_id", "text"])
+    kinds = []
+    if cfg.pack.include_raw_chunks:
+        kinds.append("domain")
+    if cfg.pack.mix_ratio > 0:
+        kinds.append("general")
+    keep = pc.and_(pc.is_in(t["kind"], value_set=pa.array(kinds, pa.string())), pc.not_equal(t["split"], "heldout"))
+    t = t.filter(keep)
+    kind = pc.if_else(pc.equal(t["kind"], "domain"), "raw", "general")
+    return t.set_column(0, "kind", kind), rejected
+
+
+class TokenizeUnit(UnitWorker):
+    """Ray Data stage: one input file (unit_id, role, uri) in, one row of counts out; writes the file's
+    tokenised rows to `_tokens/<unit_id>.parquet`. __init__ loads the training tokenizer once per actor."""
+
+    input_columns = ("unit_id", "role", "uri")
+
+    def __init__(self, marker_dir: str, cfg_json: str):
+        from transformllm_ray.config import config_from_dict
         from transformllm_ray.models.assets import load_fast_tokenizer
 
-        self.tok = load_fast_tokenizer(tokenizer)
+        super().__init__(marker_dir)
+        self.cfg = config_from_dict(json.loads(cfg_json))
+        self.tok = load_fast_tokenizer(self.cfg.pack_tokenizer)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        texts = list(batch["text"])
-        ids = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-        assert len(ids) == len(texts), "one output row per input row"
-        return {**batch, "input_ids": ids, "n_tokens": [len(x) for x in ids]}
-
-
-def _order_key(seed: int, kind: str, doc_id: str, row_id: str) -> str:
-    return hashlib.sha256(f"{seed}:{kind}:{doc_id}:{row_id}".encode()).hexdigest()
-
-
-def domain_rows(cfg: Config) -> list[dict]:
-    """Domain training texts: converted rows (status ok), or pack.domain_paths, [+ raw chunks]."""
-    rows: list[dict] = []
-    if cfg.pack.domain_paths:
-        uris = [f.uri for f in expand_inputs(cfg.pack.domain_paths)]
-        t = read_parquet(uris)
-        if "text" not in t.column_names:
-            raise ValueError(f"pack.domain_paths: no `text` column in {uris[0]} (columns {t.column_names})")
-        ids = t["id"].to_pylist() if "id" in t.column_names else [None] * t.num_rows
-        for i, (rid, text) in enumerate(zip(ids, t["text"].to_pylist())):
-            doc_id = t["doc_id"][i].as_py() if "doc_id" in t.column_names else content_id(text or "")
-            rows.append({"id": str(rid if rid is not None else i), "doc_id": doc_id, "text": text or "",
-                         "kind": "domain"})
-        return rows
-    conv_dir = f"{cfg.stage_dir('convert')}/converted"
-    converted_docs: set[str] = set()
-    files = list_files(conv_dir, ".parquet")
-    if files:
-        t = read_parquet(files, columns=["id", "doc_id", "text", "status"])
-        for rid, doc_id, text, status in zip(*(t[c].to_pylist() for c in ("id", "doc_id", "text", "status"))):
-            if status == "ok":
-                rows.append({"id": rid, "doc_id": doc_id, "text": text, "kind": "domain"})
-                converted_docs.add(doc_id)
-    elif not cfg.pack.include_raw_chunks:
-        raise FileNotFoundError(f"no converted text under {conv_dir}: run `transformllm convert` first, or set "
-                                "pack.domain_paths or pack.include_raw_chunks=true")
-    if cfg.pack.include_raw_chunks:
-        t = read_parquet(list_files(f"{cfg.stage_dir('ingest')}/chunks", ".parquet"), columns=["id", "doc_id", "text"])
-        for rid, doc_id, text in zip(*(t[c].to_pylist() for c in ("id", "doc_id", "text"))):
-            if doc_id not in converted_docs and not is_heldout(doc_id, cfg.split):
-                rows.append({"id": rid, "doc_id": doc_id, "text": text, "kind": "raw"})
-    return rows
+    def process(self, unit: dict[str, Any]) -> dict[str, Any]:
+        t, rejected = unit_rows(self.cfg, unit["role"], unit["uri"])
+        texts = t["text"].to_pylist()
+        empty = [not x.strip() for x in texts]
+        rejected["empty"] = sum(empty)
+        t = t.filter(pa.array([not e for e in empty], pa.bool_()))
+        ids: list[list[int]] = []
+        texts = t["text"].to_pylist()
+        for i in range(0, len(texts), 256):
+            ids += [e.ids for e in self.tok.encode_batch(texts[i:i + 256], add_special_tokens=False)]
+        seed = self.cfg.seed
+        out = pa.table({
+            "kind": t["kind"], "split": t["split"], "id": t["id"], "doc_id": t["doc_id"],
+            "key": pa.array([order_key(seed, d) for d in t["doc_id"].to_pylist()], pa.int64()),
+            "n_tokens": pa.array([len(x) for x in ids], pa.int64()),
+            "input_ids": pa.array(ids, pa.list_(pa.int32()))}, schema=TOKEN_SCHEMA)
+        write_parquet_atomic(out, token_part(self.cfg, unit["unit_id"]))
+        counts: dict[str, Any] = {"rows_in": t.num_rows + sum(rejected.values()),
+                                  "rejected": json.dumps(rejected, sort_keys=True)}
+        by: dict[str, list[int]] = {}
+        for kind, split, n in zip(t["kind"].to_pylist(), t["split"].to_pylist(), out["n_tokens"].to_pylist()):
+            r = by.setdefault(f"{kind}/{split}", [0, 0])
+            r[0] += 1
+            r[1] += n + 1  # + the EOS that joins it to the next text
+        counts["by"] = json.dumps(by, sort_keys=True)
+        return counts
 
 
-def general_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """(general documents, rejects) from pack.general_paths / general_builtin, normalised."""
-    files: list[WorkFile] = []
-    if cfg.pack.general_builtin:
-        files += BUILTINS[cfg.pack.general_builtin]()
-    if cfg.pack.general_paths:
-        files += [WorkFile(f.uri, f.size, detect_format(f.uri)) for f in expand_inputs(cfg.pack.general_paths)]
-    rows, rejects, seen = [], [], set()
-    for wf in files:
-        for rec in read_file(wf):
-            if not isinstance(rec, RawDoc):
-                rejects.append({"ref": rec.ref, "reason": f"general_{rec.reason}"})
-                continue
-            text = normalize(rec.text)
-            doc_id = content_id(text)
-            if len(text) < MIN_GENERAL_CHARS:
-                rejects.append({"ref": rec.ref, "reason": "general_too_short"})
-            elif doc_id in seen:
-                rejects.append({"ref": rec.ref, "reason": "general_duplicate"})
-            else:
-                seen.add(doc_id)
-                rows.append({"id": rec.ref, "doc_id": doc_id, "text": text, "kind": "general"})
-    return rows, rejects
+def token_part(cfg: Config, unit_id: str) -> str:
+    return f"{cfg.stage_dir(STAGE)}/_tokens/{unit_id}.parquet"
 
 
-def tokenize(cfg: Config, rows: list[dict]) -> list[dict]:
-    """Tokenise on Ray Data actors; returns rows with input_ids and n_tokens, in the seeded order of their keys
-    (Ray Data may reorder blocks; sorting afterwards keeps packing deterministic without preserve_order)."""
+# ------------------------------------------------------------------------------------------------ phase B
+def _narrow(uri: str, kinds: list[str]) -> pa.Table:
+    t = read_parquet(uri, columns=["kind", "split", "doc_id", "id", "key", "n_tokens"])
+    return t.filter(pc.is_in(t["kind"], value_set=pa.array(kinds, pa.string())))
+
+
+def _doc_flags(batch: pa.Table) -> pa.Table:
+    conv = pc.cast(pc.equal(batch["kind"], "domain"), pa.int64())
+    raw_tok = pc.if_else(pc.equal(batch["kind"], "raw"), pc.add(batch["n_tokens"], 1), 0)
+    return pa.table({"doc_id": batch["doc_id"], "conv": conv, "raw_rows": pc.subtract(1, conv),
+                     "raw_tok": raw_tok, "val": pc.cast(pc.equal(batch["split"], "val"), pa.int64())})
+
+
+def superseded_raw(parts: list[str]) -> dict[str, list[int]]:
+    """{split: [rows, tokens]} of raw chunks of documents that also have converted rows (they are dropped in
+    phase C): a group-by over doc ids of narrow rows, vectorised aggregations only."""
     import ray
 
-    if not rows:
-        return []
-    n_blocks = max(1, min(64, len(rows) // 64))
-    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
-    ds = ds.map_batches(TokenizeTexts, fn_constructor_kwargs={"tokenizer": cfg.pack_tokenizer},
-                        batch_size=256, compute=ray.data.ActorPoolStrategy(size=min(2, n_blocks)),
-                        num_cpus=0.5, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    out = list(ds.iter_rows())
-    out.sort(key=lambda r: _order_key(cfg.seed, r["kind"], r["doc_id"], r["id"]))
+    ds = map_files(parts, _narrow, {"kinds": ["domain", "raw"]})
+    if ds is None:
+        return {}
+    with sort_shuffle():
+        per_doc = ds.map_batches(_doc_flags, batch_format="pyarrow").groupby(
+            "doc_id", num_partitions=shuffle_partitions()).aggregate(
+            ray.data.aggregate.Sum("conv", alias_name="conv"), ray.data.aggregate.Sum("raw_rows", alias_name="rows"),
+            ray.data.aggregate.Sum("raw_tok", alias_name="tok"), ray.data.aggregate.Max("val", alias_name="val"))
+        hit = per_doc.filter(expr="conv > 0 and rows > 0")
+        out: dict[str, list[int]] = {}
+        for r in hit.groupby("val").aggregate(ray.data.aggregate.Sum("rows", alias_name="rows"),
+                                              ray.data.aggregate.Sum("tok", alias_name="tok")).iter_rows():
+            out["val" if r["val"] else "train"] = [int(r["rows"]), int(r["tok"])]
     return out
 
 
-def pack_sequences(docs: list[dict], seq_len: int, eos_id: int) -> tuple[list[dict], int]:
-    """Concatenate docs (each + EOS) and cut into seq_len windows. Returns (sequences, tokens dropped)."""
-    seqs: list[dict] = []
-    buf: list[int] = []
-    owners: list[str] = []
-    for d in docs:
-        buf.extend(list(d["input_ids"]) + [eos_id])
-        owners.append(d["doc_id"])
-        while len(buf) >= seq_len:
-            seqs.append({"input_ids": buf[:seq_len], "doc_ids": sorted(set(owners))})
-            buf = buf[seq_len:]
-            owners = [d["doc_id"]] if buf else []
-    for i, s in enumerate(seqs):
-        s["sequence"] = i
-    return seqs, len(buf)
+def general_threshold(parts: list[str], split: str, budget: int) -> dict | None:
+    """Streams the split's general rows in (key, id) order and returns the last row taken: {key, id, room}
+    (room = tokens kept of that row, None when whole), or None when every row fits the budget."""
+    def _general(uri: str) -> pa.Table:
+        t = _narrow(uri, ["general"])
+        return t.filter(pc.equal(t["split"], split)).select(["key", "id", "n_tokens"])
+
+    ds = map_files(parts, _general)
+    if ds is None:
+        return None
+    have, last = 0, None
+    for batch in ds.sort(["key", "id"]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        for key, rid, n in zip(batch["key"].to_pylist(), batch["id"].to_pylist(), batch["n_tokens"].to_pylist()):
+            if have + n + 1 <= budget:
+                have += n + 1
+                last = {"key": key, "id": rid, "room": None}
+                continue
+            room = budget - have - 1
+            if room > 0:
+                last = {"key": key, "id": rid, "room": room}
+            return last or {"key": -1, "id": "", "room": None}
+    return None
 
 
-def _write_split(out_dir: str, seqs: list[dict]) -> None:
-    makedirs(out_dir)
-    for uri in list_files(out_dir, ".parquet"):
-        remove(uri)  # a rerun of an unfinished pack rewrites the whole split (cheap, deterministic)
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("sequence", pa.int64()),
-                        ("doc_ids", pa.list_(pa.string()))])
-    for k in range(0, max(len(seqs), 1), SEQS_PER_FILE):
-        part = seqs[k:k + SEQS_PER_FILE]
-        table = pa.Table.from_pylist(part, schema=schema)
-        write_parquet_atomic(table, f"{out_dir}/part-{k // SEQS_PER_FILE:05d}.parquet")
+# ------------------------------------------------------------------------------------------------ phase C
+def _bucketed(uri: str, plan: dict) -> pa.Table:
+    """A token part's rows that phase C packs, with their split's bucket; general rows past the budget
+    threshold are dropped and the crossing row cut; rows of finished buckets are skipped."""
+    t = read_parquet(uri)
+    parts = []
+    for split in TRAIN_SPLITS:
+        p = plan["splits"].get(split)
+        if not p:
+            continue
+        s = t.filter(pc.equal(t["split"], split))
+        thr = p["threshold"]
+        if thr is not None and s.num_rows:
+            keys, ids, kinds = s["key"].to_pylist(), s["id"].to_pylist(), s["kind"].to_pylist()
+            keep, cut = [], []
+            for k, i, kind in zip(keys, ids, kinds):
+                after = kind == "general" and (k, i) > (thr["key"], thr["id"])
+                keep.append(not after)
+                cut.append(kind == "general" and thr["room"] is not None and (k, i) == (thr["key"], thr["id"]))
+            if any(cut):
+                j = cut.index(True)
+                ids_j = s["input_ids"][j].values.slice(0, thr["room"])
+                arr = s["input_ids"].to_pylist()
+                arr[j] = ids_j.to_pylist()
+                s = s.set_column(s.schema.get_field_index("input_ids"), "input_ids", pa.array(arr, pa.list_(pa.int32())))
+                s = s.set_column(s.schema.get_field_index("n_tokens"), "n_tokens",
+                                 pa.array([len(x) for x in arr], pa.int64()))
+            s = s.filter(pa.array(keep, pa.bool_()))
+        n = p["buckets"]
+        buckets = [(k * n) >> KEY_BITS for k in s["key"].to_pylist()]
+        s = s.append_column("bucket", pa.array(buckets, pa.int64()))
+        done = set(p["done"])
+        if done:
+            s = s.filter(pc.invert(pc.is_in(s["bucket"], value_set=pa.array(sorted(done), pa.int64()))))
+        parts.append(s)
+    if not parts:
+        return pa.Table.from_pylist([], schema=TOKEN_SCHEMA.append(pa.field("bucket", pa.int64())))
+    return pa.concat_tables(parts)
 
 
-def write_heldout(cfg: Config) -> int:
-    """Raw held-out legal chunks (never converted, never trained on) for the eval stage."""
-    files = list_files(f"{cfg.stage_dir('ingest')}/chunks", ".parquet")
-    t = read_parquet(files, columns=["id", "doc_id", "text"]) if files else pa.table(
-        {"id": pa.array([], pa.string()), "doc_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
-    mask = pa.array([is_heldout(d, cfg.split) for d in t["doc_id"].to_pylist()], pa.bool_())
-    held = t.filter(mask).sort_by("id")
-    write_parquet_atomic(held, f"{cfg.stage_dir(STAGE)}/heldout/part-00000.parquet")
-    return held.num_rows
+def pack_group(group: pa.Table, out_dir: str, seq_len: int, eos_id: int) -> pa.Table:
+    """map_groups over one (split, bucket): sort, drop superseded raw rows, join with EOS, cut windows,
+    write the part, then its marker. Returns one row of counts."""
+    import numpy as np
+
+    split, bucket = group["split"][0].as_py(), int(group["bucket"][0].as_py())
+    g = group.sort_by([("key", "ascending"), ("id", "ascending")])
+    converted = set(g.filter(pc.equal(g["kind"], "domain"))["doc_id"].to_pylist())
+    superseded = pc.and_(pc.equal(g["kind"], "raw"), pc.is_in(g["doc_id"], value_set=pa.array(sorted(converted), pa.string())))
+    n_superseded = int(pc.sum(superseded).as_py() or 0)
+    g = g.filter(pc.invert(superseded))
+    lens = np.asarray(g["n_tokens"].to_numpy(), dtype=np.int64) + 1
+    flat = np.asarray(pc.list_flatten(g["input_ids"]).to_numpy(zero_copy_only=False), dtype=np.int32)
+    total = int(lens.sum())
+    buf = np.full(total, eos_id, dtype=np.int32)
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    # Scatter each text's tokens before its EOS slot.
+    mask = np.ones(total, dtype=bool)
+    mask[ends - 1] = False
+    buf[mask] = flat
+    n_seq = total // seq_len
+    windows = buf[: n_seq * seq_len].reshape(n_seq, seq_len)
+    docs = g["doc_id"].to_pylist()
+    doc_ids, j = [], 0
+    for s in range(n_seq):
+        lo, hi = s * seq_len, (s + 1) * seq_len
+        while ends[j] <= lo:
+            j += 1
+        k, owners = j, []
+        while k < len(docs) and starts[k] < hi:
+            owners.append(docs[k])
+            k += 1
+        doc_ids.append(sorted(set(owners)))
+    table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), seq_len)
+                      .cast(pa.list_(pa.int32())) if n_seq else pa.array([], pa.list_(pa.int32())),
+                      "sequence": pa.array([(bucket << 32) | i for i in range(n_seq)], pa.int64()),
+                      "doc_ids": pa.array(doc_ids, pa.list_(pa.string()))}, schema=PACKED_SCHEMA)
+    write_parquet_atomic(table, f"{out_dir}/packed/{split}/part-{bucket:05d}.parquet")
+    kinds = g["kind"].to_pylist()
+    counts = {"split": split, "bucket": bucket, "sequences": n_seq, "tokens_in": total,
+              "waste": total - n_seq * seq_len, "raw_superseded": n_superseded,
+              "rows": {k: kinds.count(k) for k in ("domain", "raw", "general")},
+              "tokens": {k: int(lens[[x == k for x in kinds]].sum()) if kinds else 0 for k in ("domain", "raw", "general")}}
+    write_json_atomic(f"{out_dir}/_markers/pack-{split}-{bucket:05d}.json", counts)
+    return pa.table({"split": [split], "bucket": [bucket]})
+
+
+def run_phase_c(cfg: Config, parts: list[str], plan: dict, eos_id: int) -> None:
+    todo = sum(p["buckets"] - len(p["done"]) for p in plan["splits"].values())
+    if not todo:
+        return
+    out = cfg.stage_dir(STAGE)
+    with sort_shuffle():
+        ds = map_files(parts, _bucketed, {"plan": plan})
+        ds.groupby(["split", "bucket"], num_partitions=shuffle_partitions()).map_groups(
+            pack_group, fn_kwargs={"out_dir": out, "seq_len": cfg.train.seq_len, "eos_id": eos_id},
+            batch_format="pyarrow").materialize()
+
+
+# ------------------------------------------------------------------------------------------------ run
+def _tokenizer_facts(name: str) -> tuple[int | None, int]:
+    from transformllm_ray.models.assets import load_tokenizer
+
+    tok = load_tokenizer(name)
+    return tok.eos_token_id, len(tok)
 
 
 def run(cfg: Config) -> dict:
-    from transformllm_ray.models.assets import load_tokenizer
-
     t0 = time.time()
     out = cfg.stage_dir(STAGE)
-    seed, seq_len = cfg.seed, cfg.train.seq_len
-    hf_tok = load_tokenizer(cfg.pack_tokenizer)
-    eos_id = hf_tok.eos_token_id
+    pc_ = cfg.pack
+    seq_len = cfg.train.seq_len
+    eos_id, vocab = _tokenizer_facts(cfg.pack_tokenizer)
     if eos_id is None:
         raise ValueError(f"tokenizer {cfg.pack_tokenizer} has no EOS token to join documents with")
+    for d in ("_markers", "_tokens", "packed/train", "packed/val"):
+        makedirs(f"{out}/{d}")
+        remove_temporaries(f"{out}/{d}")
 
-    domain = domain_rows(cfg)
-    general, rejects = general_rows(cfg) if cfg.pack.mix_ratio > 0 else ([], [])
-    # General documents: held-out ones form the forgetting-check set; the rest are candidates for mixing.
-    general_eval = [g for g in general if is_heldout(g["doc_id"], cfg.split)]
-    general = [g for g in general if not is_heldout(g["doc_id"], cfg.split)]
-    empty = [r for r in domain if not r["text"].strip()]
-    rejects += [{"ref": r["id"], "reason": "empty"} for r in empty]
-    domain = [r for r in domain if r["text"].strip()]
+    # A: tokenise, one unit per input file.
+    units = plan_units(cfg)
+    print(f"[pack] tokenising {len(units)} files", flush=True)
+    counts = run_units(STAGE, units, TokenizeUnit, {"cfg_json": cfg.model_dump_json()}, f"{out}/_markers",
+                       pc_.num_actors, pc_.cpus_per_actor, env={"TOKENIZERS_PARALLELISM": "false"})
+    parts = [token_part(cfg, u["unit_id"]) for u in units]
+    rows_in = sum(int(c["rows_in"]) for c in counts)
+    rejected: dict[str, int] = {}
+    by: dict[str, list[int]] = {}
+    for c in counts:
+        for k, v in json.loads(c["rejected"]).items():
+            rejected[k] = rejected.get(k, 0) + v
+        for k, (n, tok) in json.loads(c["by"]).items():
+            r = by.setdefault(k, [0, 0])
+            r[0] += n
+            r[1] += tok
+    get = lambda kind, split: by.get(f"{kind}/{split}", [0, 0])  # noqa: E731
 
-    tok_domain = tokenize(cfg, domain)
-    domain_tokens = sum(r["n_tokens"] + 1 for r in tok_domain)
-    tok_general: list[dict] = []
-    general_cut = 0
-    if general:
-        budget = int(cfg.pack.mix_ratio * domain_tokens)  # general tokens wanted, EOS included
-        tok_all = tokenize(cfg, general)
-        have = 0
-        for r in tok_all:
-            room = budget - have - 1  # tokens left in the budget, before this document's EOS
-            if room <= 0:
-                rejects.append({"ref": r["id"], "reason": "general_not_needed"})
-                continue
-            if r["n_tokens"] > room:
-                # Cut the document that crosses the budget to its first `room` tokens: taken whole, one long
-                # README overshot the demo's 1:1 target by 2.3x (the paper's ratio is a token ratio).
-                general_cut += r["n_tokens"] - room
-                r = {**r, "input_ids": list(r["input_ids"])[:room], "n_tokens": room}
-            tok_general.append(r)
-            have += r["n_tokens"] + 1
-    general_tokens = sum(r["n_tokens"] + 1 for r in tok_general)
+    # B: domain tokens per split (raw rows superseded by converted ones excluded), general budget.
+    sup = superseded_raw(parts) if pc_.include_raw_chunks and any(get("domain", s)[0] for s in TRAIN_SPLITS) else {}
+    plan: dict[str, Any] = {"splits": {}}
+    for split in TRAIN_SPLITS:
+        s_sup = sup.get(split, [0, 0])
+        domain = get("domain", split)[1] + get("raw", split)[1] - s_sup[1]
+        budget = int(round(pc_.mix_ratio * domain))
+        general_have = get("general", split)[1]
+        thr = general_threshold(parts, split, budget) if budget and general_have > budget else None
+        general = min(budget, general_have) if pc_.mix_ratio > 0 else 0
+        if not domain and not general:
+            continue
+        n_buckets = max(1, math.ceil((domain + general) / pc_.bucket_tokens))
+        done = [b for b in range(n_buckets) if exists(f"{out}/_markers/pack-{split}-{b:05d}.json")]
+        plan["splits"][split] = {"threshold": thr, "buckets": n_buckets, "done": done, "domain_tokens": domain,
+                                 "general_tokens": general, "budget": budget}
+    if not plan["splits"]:
+        raise ValueError("pack: no training text (no converted rows, no raw chunks, no general text)")
+    finished = sum(len(p["done"]) for p in plan["splits"].values())
+    if finished:
+        print(f"[pack] resuming: {finished} buckets already packed", flush=True)
 
-    docs = sorted(tok_domain + tok_general, key=lambda r: _order_key(seed, r["kind"], r["doc_id"], r["id"]))
-    val_docs = [d for d in docs if is_val(d["doc_id"], cfg.split)]
-    train_docs = [d for d in docs if not is_val(d["doc_id"], cfg.split)]
-    train_seqs, train_waste = pack_sequences(train_docs, seq_len, eos_id)
-    val_seqs, val_waste = pack_sequences(val_docs, seq_len, eos_id)
-    if not train_seqs:
-        raise ValueError(f"pack: {domain_tokens + general_tokens} tokens make no full sequence of "
-                         f"train.seq_len={seq_len}; convert more chunks or lower train.seq_len")
-    _write_split(f"{out}/packed/train", train_seqs)
-    _write_split(f"{out}/packed/val", val_seqs)
-    n_heldout = write_heldout(cfg)
-    geval = pa.table({"id": [g["id"] for g in general_eval], "doc_id": [g["doc_id"] for g in general_eval],
-                      "text": [g["text"] for g in general_eval]},
-                     schema=pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())]))
-    write_parquet_atomic(geval, f"{out}/general_eval/part-00000.parquet")
+    # C: pack every bucket not yet marked.
+    run_phase_c(cfg, parts, plan, eos_id)
 
+    # Counts from the bucket markers; parts of buckets outside this plan (an older run) are removed.
+    marks = {}
+    for split, p in plan["splits"].items():
+        for b in range(p["buckets"]):
+            m = f"{out}/_markers/pack-{split}-{b:05d}.json"
+            if exists(m):
+                marks[(split, b)] = read_json(m)
+    for split in TRAIN_SPLITS:
+        keep = {f"part-{b:05d}.parquet" for (s, b) in marks if s == split}
+        for uri in list_files(f"{out}/packed/{split}", ".parquet"):
+            if uri.rsplit("/", 1)[-1] not in keep:
+                remove(uri)
+    tot = lambda key, split=None: sum(m[key] for (s, _), m in marks.items() if split in (None, s))  # noqa: E731
+    rows_packed = sum(sum(m["rows"].values()) for m in marks.values())
+    general_in = sum(get("general", s)[0] for s in TRAIN_SPLITS)
+    general_rows = sum(m["rows"]["general"] for m in marks.values())
+    rejected["general_not_needed"] = general_in - general_rows
+    rejected["raw_superseded"] = tot("raw_superseded")
+    rejected = {k: v for k, v in sorted(rejected.items()) if v}
+    domain_tokens = sum(m["tokens"]["domain"] + m["tokens"]["raw"] for m in marks.values())
+    general_tokens = sum(m["tokens"]["general"] for m in marks.values())
     tokens_in = domain_tokens + general_tokens
-    packed = (len(train_seqs) + len(val_seqs)) * seq_len
-    reasons = collections.Counter(r["reason"] for r in rejects)
-    n_in = len(domain) + len(empty) + len(general) + len(general_eval) + sum(
-        1 for r in rejects if r["reason"].startswith("general_") and r["reason"] != "general_not_needed")
     stats = {
-        "rows_in": n_in,
-        "rows_out": len(docs) + len(general_eval),
-        "rows_rejected": len(rejects),
-        "reject_reasons": dict(sorted(reasons.items())),
-        "domain_docs": len(tok_domain), "general_docs": len(tok_general), "general_eval_docs": len(general_eval),
-        "heldout_chunks": n_heldout,
+        "rows_in": rows_in, "rows_out": rows_packed, "rows_rejected": sum(rejected.values()),
+        "reject_reasons": rejected,
+        "domain_rows": sum(m["rows"]["domain"] for m in marks.values()),
+        "raw_rows": sum(m["rows"]["raw"] for m in marks.values()), "general_rows": general_rows,
         "tokens_in": tokens_in, "domain_tokens": domain_tokens, "general_tokens": general_tokens,
-        "mix_ratio_target": cfg.pack.mix_ratio,
-        "general_tokens_cut": general_cut,
+        "mix_ratio_target": pc_.mix_ratio,
         "mix_ratio_achieved": round(general_tokens / domain_tokens, 4) if domain_tokens else 0.0,
-        "tokens_packed": packed, "waste_tokens": train_waste + val_waste,
-        "waste_fraction": round((train_waste + val_waste) / tokens_in, 4) if tokens_in else 0.0,
-        "sequences_train": len(train_seqs), "sequences_val": len(val_seqs),
-        "train_docs": len(train_docs), "val_docs": len(val_docs),
-        "seq_len": seq_len, "tokenizer": cfg.pack_tokenizer, "eos_token_id": eos_id,
-        "vocab_size": len(hf_tok), "seed": seed, "seconds": round(time.time() - t0, 3),
+        "mix_by_split": {s: {"domain_tokens": p["domain_tokens"], "general_tokens": p["general_tokens"],
+                             "general_budget": p["budget"]} for s, p in plan["splits"].items()},
+        "tokens_packed": tot("sequences") * seq_len, "waste_tokens": tot("waste"),
+        "waste_fraction": round(tot("waste") / tokens_in, 6) if tokens_in else 0.0,
+        "sequences_train": tot("sequences", "train"), "sequences_val": tot("sequences", "val"),
+        "buckets": {s: p["buckets"] for s, p in plan["splits"].items()}, "files_tokenised": len(units),
+        "seq_len": seq_len, "tokenizer": cfg.pack_tokenizer, "eos_token_id": eos_id, "vocab_size": vocab,
+        "seed": cfg.seed, "seconds": round(time.time() - t0, 3),
     }
-    if general and stats["mix_ratio_achieved"] < cfg.pack.mix_ratio * 0.99:
+    if not stats["sequences_train"]:
+        raise ValueError(f"pack: {tokens_in} tokens make no full sequence of train.seq_len={seq_len}; convert "
+                         "more chunks or lower train.seq_len")
+    if general_in and general_tokens < pc_.mix_ratio * domain_tokens * 0.995:
         log.warning("pack: general text ran out: mix ratio %.3f < target %.3f", stats["mix_ratio_achieved"],
-                    cfg.pack.mix_ratio)
+                    pc_.mix_ratio)
+    print(f"[pack] {stats['sequences_train']} train + {stats['sequences_val']} val sequences of {seq_len} "
+          f"tokens, mix {stats['mix_ratio_achieved']}, waste {stats['waste_fraction']:.2%}", flush=True)
     return write_stats(cfg, STAGE, stats)
-
-

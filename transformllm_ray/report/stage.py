@@ -221,7 +221,7 @@ def render_markdown(cfg: Config, data: dict, images: dict[str, str | None]) -> s
         p = st["pack"]
         lines += ["## Pack", "", "| figure | value |", "|---|---:|"]
         for k in ("tokens_in", "domain_tokens", "general_tokens", "mix_ratio_target", "mix_ratio_achieved",
-                  "tokens_packed", "waste_tokens", "sequences_train", "sequences_val", "heldout_chunks", "seq_len"):
+                  "tokens_packed", "waste_tokens", "waste_fraction", "sequences_train", "sequences_val", "seq_len"):
             if k in p:
                 lines.append(f"| {k} | {_fmt(p[k])} |")
         lines.append("")

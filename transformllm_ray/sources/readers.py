@@ -1,18 +1,30 @@
-"""Turn one input file into documents and rejects: JSONL, Parquet, plain text, and the built-in corpora.
+"""Turn one input file, or one piece of it, into documents and rejects: JSONL, Parquet, plain text, and the
+built-in corpora.
 
     for rec in read_file(WorkFile(uri="data/a.jsonl", size=123, fmt="jsonl"), text_field="text"):
         ...  # RawDoc(ref, text, metadata) or Reject(ref, reason, ...)
+    read_file(WorkFile("big.jsonl", size, "jsonl", lo=4_000_000, hi=8_000_000))   # the lines starting there
+    read_file(WorkFile("big.parquet", size, "parquet", lo=3, hi=5))                 # row groups 3 and 4
+
+Pieces: an uncompressed JSONL file can be read as byte ranges [lo, hi): a piece yields the lines that *start*
+in its range (the line crossing `lo` belongs to the piece before), so the pieces of a file yield each line
+exactly once whatever the cut. A Parquet file can be read as row-group ranges. Compressed files
+(.gz .bz2 .zst .lz4 through pyarrow, .xz through Python's lzma) and whole-file text documents are read whole.
+References do not depend on the cut: `#B<offset>` is where a JSONL line starts in the (decompressed) file,
+`#R<row>` a Parquet row's index in its file.
 
 Every input record becomes exactly one RawDoc or one Reject; a file that cannot be read at all becomes one
-Reject. So per file: records in = docs + rejects, the basis of the stage's `rows_in = rows_out + rows_rejected`.
-Reject reasons: unreadable, unsupported_format, binary, non_utf8, invalid_json, wrong_schema, empty,
-invalid_parquet, deprecated, non_english (the last two: built-in licence entries the source excludes).
+Reject (from its first piece only). So per piece: records in = docs + rejects, the basis of the stage's
+`rows_in = rows_out + rows_rejected`. Reject reasons: unreadable, unsupported_format, binary, non_utf8,
+invalid_json, wrong_schema, empty, invalid_parquet, deprecated, non_english (the last two: built-in licence
+entries the source excludes).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import lzma
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,7 +35,8 @@ from transformllm_ray.storage import filesystem
 from transformllm_ray.text import looks_binary
 
 STAGE = "ingest"
-_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
+_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4", ".xz")
+_BLOCK = 1 << 20  # bytes per read of a JSONL byte range
 _EXT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text",
         ".text": "text", ".md": "text"}
 _META_LIMIT = 2048  # bytes of JSON metadata kept per record: provenance, not a second copy of the data
@@ -47,10 +60,25 @@ class WorkFile:
     """jsonl | parquet | text | licensedcode | package-doc | unknown"""
     ref: str = ""
     """Stable reference used in ids and provenance (defaults to the URI)."""
+    kind: str = "domain"
+    """Which source it belongs to: `domain` (config `input`) or `general` (config `general`)."""
+    lo: int = 0
+    """Start of the piece: a byte offset (JSONL) or a row-group index (Parquet); 0 for whole files."""
+    hi: int = -1
+    """End of the piece (exclusive), same unit as `lo`; -1 = the end of the file."""
 
     @property
     def name(self) -> str:
         return self.ref or self.uri
+
+    @property
+    def first_piece(self) -> bool:
+        """The piece that speaks for the whole file (file-level rejects come from it only)."""
+        return self.lo == 0
+
+
+def is_compressed(uri: str) -> bool:
+    return uri.lower().endswith(_COMPRESSED)
 
 
 def detect_format(uri: str, forced: str = "auto") -> str:
@@ -87,42 +115,102 @@ def read_file(wf: WorkFile, text_field: str = "text", excerpt_chars: int = 200) 
 
 
 def _open(wf: WorkFile):
+    """A sequential, decompressed byte stream of the whole file."""
     fs, path = filesystem(wf.uri)
-    return fs.open_input_stream(path, compression="detect")
+    if wf.uri.lower().endswith(".xz"):
+        # pyarrow's codecs lack xz (Pile of Law ships .jsonl.xz); Python's lzma reads it from the raw stream.
+        return lzma.LZMAFile(fs.open_input_stream(path))
+    return io.BufferedReader(fs.open_input_stream(path, compression="detect"), buffer_size=_BLOCK)
+
+
+def _stream_lines(f) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) of every line of a sequential stream, offsets in the decompressed bytes."""
+    offset = 0
+    for line in f:
+        yield offset, line
+        offset += len(line)
+
+
+def _range_lines(f, size: int, lo: int, hi: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) of the lines of a random-access file that start in [lo, hi)."""
+    pos = lo
+    if lo > 0 and f.read_at(1, lo - 1) != b"\n":
+        # The line crossing `lo` started in the previous piece, which yields it: skip to the next line start.
+        while pos < size:
+            block = f.read_at(min(_BLOCK, size - pos), pos)
+            i = block.find(b"\n")
+            if i >= 0:
+                pos += i + 1
+                break
+            pos += len(block)
+    buf, buf_off, read_pos = bytearray(), pos, pos
+    while buf_off < hi:
+        start = 0
+        while buf_off + start < hi:
+            i = buf.find(b"\n", start)
+            if i < 0:
+                break
+            yield buf_off + start, bytes(buf[start:i + 1])
+            start = i + 1
+        del buf[:start]
+        buf_off += start
+        if buf_off >= hi:
+            return
+        if read_pos >= size:
+            if buf:  # the file's last line, without a newline
+                yield buf_off, bytes(buf)
+            return
+        block = f.read_at(min(_BLOCK, size - read_pos), read_pos)
+        read_pos += len(block)
+        buf += block
 
 
 def _read_jsonl(wf: WorkFile, text_field: str, rj) -> Iterator[Record]:
-    with _open(wf) as raw:
-        f = io.BufferedReader(raw, buffer_size=1 << 20)
-        head = f.peek(8192)[:8192]
-        if looks_binary(head):
+    whole = is_compressed(wf.uri) or (wf.lo == 0 and wf.hi < 0)
+    if whole:
+        with _open(wf) as f:
+            head = f.peek(8192)[:8192]
+            yield from _jsonl_records(wf, text_field, rj, head, _stream_lines(f))
+        return
+    fs, path = filesystem(wf.uri)
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        hi = size if wf.hi < 0 else min(wf.hi, size)
+        head = f.read_at(min(8192, size), 0)
+        yield from _jsonl_records(wf, text_field, rj, head, _range_lines(f, size, wf.lo, hi))
+
+
+def _jsonl_records(wf: WorkFile, text_field: str, rj, head: bytes, lines) -> Iterator[Record]:
+    if looks_binary(head):
+        # Every piece sees the same head; the first one rejects the file, the others yield nothing.
+        if wf.first_piece:
             yield rj(wf.name, "binary", "NUL or control bytes in the first 8 KiB", head)
-            return
-        for lineno, line in enumerate(f, start=1):
-            ref = f"{wf.name}#L{lineno:09d}"
-            stripped = line.strip()
-            if not stripped:
-                yield rj(ref, "empty", "blank line")
-                continue
-            try:
-                s = stripped.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield rj(ref, "non_utf8", str(e), stripped)
-                continue
-            try:
-                obj = json.loads(s)
-            except json.JSONDecodeError as e:
-                yield rj(ref, "invalid_json", str(e), s)
-                continue
-            if not isinstance(obj, dict):
-                yield rj(ref, "wrong_schema", f"expected a JSON object, got {type(obj).__name__}", s)
-            elif text_field not in obj:
-                yield rj(ref, "wrong_schema", f"no field {text_field!r} (fields: {sorted(obj)[:10]})", s)
-            elif not isinstance(obj[text_field], str):
-                yield rj(ref, "wrong_schema", f"field {text_field!r} is {type(obj[text_field]).__name__}, "
-                         "expected string", s)
-            else:
-                yield RawDoc(ref, obj[text_field], _metadata(obj, text_field))
+        return
+    for offset, line in lines:
+        ref = f"{wf.name}#B{offset:012d}"
+        stripped = line.strip()
+        if not stripped:
+            yield rj(ref, "empty", "blank line")
+            continue
+        try:
+            s = stripped.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield rj(ref, "non_utf8", str(e), stripped)
+            continue
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as e:
+            yield rj(ref, "invalid_json", str(e), s)
+            continue
+        if not isinstance(obj, dict):
+            yield rj(ref, "wrong_schema", f"expected a JSON object, got {type(obj).__name__}", s)
+        elif text_field not in obj:
+            yield rj(ref, "wrong_schema", f"no field {text_field!r} (fields: {sorted(obj)[:10]})", s)
+        elif not isinstance(obj[text_field], str):
+            yield rj(ref, "wrong_schema", f"field {text_field!r} is {type(obj[text_field]).__name__}, "
+                     "expected string", s)
+        else:
+            yield RawDoc(ref, obj[text_field], _metadata(obj, text_field))
 
 
 def _read_whole_text(wf: WorkFile, rj) -> Union[str, Reject]:
@@ -150,18 +238,25 @@ def _read_parquet(wf: WorkFile, text_field: str, rj) -> Iterator[Record]:
     try:
         pf = pq.ParquetFile(fs.open_input_file(path))
     except (pa.ArrowInvalid, OSError) as e:
-        yield rj(wf.name, "invalid_parquet", str(e))
+        if wf.first_piece:
+            yield rj(wf.name, "invalid_parquet", str(e))
         return
     names = pf.schema_arrow.names
+    problem = None
     if text_field not in names:
-        yield rj(wf.name, "wrong_schema", f"no column {text_field!r} (columns: {names[:10]})")
+        problem = f"no column {text_field!r} (columns: {names[:10]})"
+    elif not (pa.types.is_string(t := pf.schema_arrow.field(text_field).type) or pa.types.is_large_string(t)):
+        problem = f"column {text_field!r} is {t}, expected string"
+    if problem:
+        if wf.first_piece:
+            yield rj(wf.name, "wrong_schema", problem)
         return
-    typ = pf.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-        yield rj(wf.name, "wrong_schema", f"column {text_field!r} is {typ}, expected string")
+    n_groups = pf.metadata.num_row_groups
+    groups = list(range(wf.lo, n_groups if wf.hi < 0 else min(wf.hi, n_groups)))
+    row = sum(pf.metadata.row_group(i).num_rows for i in range(wf.lo))  # row index of the piece's first row
+    if not groups:
         return
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024):
+    for batch in pf.iter_batches(batch_size=1024, row_groups=groups):
         for rec in batch.to_pylist():
             ref = f"{wf.name}#R{row:09d}"
             row += 1
