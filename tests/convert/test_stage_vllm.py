@@ -15,7 +15,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import write_config
+from tests.helpers import start_cli_and_kill, write_config
 from transformllm_ray.config import load_config
 from transformllm_ray.schema import Converted, Reject, arrow_schema
 from transformllm_ray.stage import run_stage
@@ -93,17 +93,8 @@ def test_driver_killed_mid_stage_then_rerun_holds_every_chunk_once(ray_local, tm
     run_stage(cfg, "ingest")
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "transformllm_ray.cli", "convert", "--config", path, "ray.num_cpus=3"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
     commits = f"{cfg.output_dir}/convert/_commits"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None or len(list_files(commits, ".json")) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed: make it slower"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    start_cli_and_kill(cmd[3:], lambda: len(list_files(commits, ".json")) >= 2)
     assert not os.path.exists(f"{cfg.output_dir}/convert/stats.json")
     before = {f: os.path.getmtime(f) for f in list_files(commits, ".json")}  # committed markers, no temporaries
     done_before = len(before)

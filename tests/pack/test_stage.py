@@ -8,16 +8,14 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import write_config
+from tests.helpers import start_cli_and_kill, write_config
 from transformllm_ray.config import load_config
 from transformllm_ray.ingest import stage as ingest
 from transformllm_ray.pack import stage as pack
@@ -151,22 +149,13 @@ def test_kill_mid_pack_then_rerun_gives_the_same_sequences(ingested, tmp_path):
     ref_cfg, ref = _pack(ingested, tmp_path, "ref")
     path = _config(ingested, tmp_path, "killed")
     cfg = load_config(path)
+    markers = f"{cfg.output_dir}/pack/_markers"
+    # Once the stage has started work (a marker exists), a random extra moment: tokenising or packing.
+    start_cli_and_kill(["pack", "--config", path, "ray.num_cpus=2"], lambda: bool(list_files(markers, ".json")),
+                       extra_delay=random.uniform(0.0, 3.0))
+    assert not os.path.exists(f"{cfg.output_dir}/pack/stats.json")
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "transformllm_ray.cli", "pack", "--config", path, "ray.num_cpus=2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    markers = f"{cfg.output_dir}/pack/_markers"
-    # Wait until the stage has started work (a marker exists), then a random extra moment.
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list_files(markers, ".json"):
-        time.sleep(0.1)
-    time.sleep(random.uniform(0.0, 3.0))
-    if proc.poll() is not None:
-        out = proc.stdout.read().decode(errors="replace")[-3000:]
-        raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be killed: {out}")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(f"{cfg.output_dir}/pack/stats.json")
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "resuming" in rerun.stdout

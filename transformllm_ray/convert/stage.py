@@ -12,9 +12,10 @@ Ray Data anti-join (select.anti_join); ids whose first attempt is committed in p
 retry pass. Finished work is not redone.
 
 Conversion (Ray Data, streaming). engine vllm: chunk rows -> task rows -> PromptBuilder -> ray.data.llm vLLM
-engines -> QualityGate (vllm_engine.py). engine regex: chunk rows -> RegexConverter (regex_engine.py). The
-driver iterates the output; a chunk is finished when all its task rows are in; every `convert.rows_per_file`
-finished chunks are committed atomically (ledger.py). With `convert.retry_rejected`, chunks with an answer
+engines -> QualityGate (vllm_engine.py). The driver iterates the output; a chunk is finished when all its task
+rows are in; every `convert.rows_per_file` finished chunks are committed atomically (ledger.py). engine regex:
+one chunk is one row, so workers convert and commit batches of `convert.rows_per_file` themselves
+(RegexCommitStage) and the driver only counts narrow (id, status) rows. With `convert.retry_rejected`, chunks with an answer
 that failed the quality gate are committed to pending/ and, after the first pass, their failed tasks run
 once more with `convert.retry_sampling` (a second engine start-up, paid once per run, not per chunk).
 
@@ -241,36 +242,65 @@ def vllm_pass(cfg: Config, ds, attempt: int, ledger: Ledger, db: PromptDB, model
             "commits": committer.commits, **{f"chunks_{k}": v for k, v in committer.counts.items()}}
 
 
+class RegexCommitStage:
+    """Ray Data stage (engine regex): a batch of chunk rows in, converted and committed by this worker as one
+    ledger commit (`convert.rows_per_file` rows); one narrow row per chunk out (id, status, commit key).
+
+    The converted text never travels to the driver: it only counts the narrow rows. A retried task converts
+    the same rows into the same commit key and overwrites the same files; a rerun after a kill gets only
+    uncommitted ids (anti-join), so commits never share an id. Input columns: those of RegexConverter."""
+
+    input_columns = ("id", "doc_id", "split", "text", "position", "metadata")
+
+    def __init__(self, out_dir: str, fingerprint: str, domain: str, version: str, tasks_per_chunk: int,
+                 seed: int):
+        from transformllm_ray.convert.regex_engine import RegexConverter
+
+        self.conv = RegexConverter(domain, version, tasks_per_chunk, seed)
+        self.ledger = Ledger(out_dir, fingerprint)
+        tag = self.conv.db.version_tag
+        self.base = {"engine": "regex", "model": "regex", "model_revision": tag, "prompt_version": tag}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        t0 = time.time()
+        res = self.conv(batch)
+        n = len(batch["id"])
+        converted, rejects = [], []
+        for i in range(n):
+            r = {k: v[i] for k, v in res.items()}
+            if r["status"] == "ok":
+                converted.append({
+                    "id": r["id"], "doc_id": r["doc_id"], "split": r["split"], "text": r["text"],
+                    "raw_output": r["raw_output"], "task_families": r["task_families"], **self.base,
+                    "sampling": "{}", "input_tokens": 0, "output_tokens": 0, "finish_reason": r["finish_reason"],
+                    "status": "ok", "attempts": 1, "seconds": round(r["gen_seconds"], 4)})
+            else:
+                rejects.append(make_reject(STAGE, r["id"], r["status"], r["detail"], r["excerpt"], EXCERPT).__dict__)
+        key = self.ledger.commit(converted, rejects, [], {"attempt": 1, "seconds": round(time.time() - t0, 3),
+                                                          "input_tokens": 0, "output_tokens": 0})
+        return {"id": list(res["id"]), "status": list(res["status"]), "commit": [key] * n}
+
+
 def regex_pass(cfg: Config, ds, ledger: Ledger, db: PromptDB) -> dict[str, Any]:
     import ray
 
-    from transformllm_ray.convert.regex_engine import RegexConverter
-
     c = cfg.convert
-    ds = ds.repartition(target_num_rows_per_block=max(1, c.rows_per_file))
-    ds = ds.map_batches(RegexConverter, fn_constructor_kwargs={
-        "domain": c.domain, "version": c.prompt_version, "tasks_per_chunk": c.tasks_per_chunk, "seed": cfg.seed},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=0.5, batch_size=64)
-    committer = Committer(ledger, c.rows_per_file, 1)
-    base = {"engine": "regex", "model": "regex", "model_revision": db.version_tag, "prompt_version": db.version_tag}
-
-    def rows():
-        for r in ds.iter_rows():
-            if r["status"] == "ok":
-                yield "converted", {
-                    "id": r["id"], "doc_id": r["doc_id"], "split": r["split"], "text": r["text"],
-                    "raw_output": r["raw_output"], "task_families": r["task_families"], **base, "sampling": "{}",
-                    "input_tokens": 0, "output_tokens": 0, "finish_reason": r["finish_reason"], "status": "ok",
-                    "attempts": 1, "seconds": 0.0}
-            else:
-                yield "reject", make_reject(STAGE, r["id"], r["status"], r["detail"], r["excerpt"], EXCERPT).__dict__
-
+    ds = ds.map_batches(RegexCommitStage, fn_constructor_kwargs={
+        "out_dir": ledger.out, "fingerprint": ledger.fingerprint, "domain": c.domain, "version": c.prompt_version,
+        "tasks_per_chunk": c.tasks_per_chunk, "seed": cfg.seed},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=0.5, batch_size=max(1, c.rows_per_file))
     t0 = time.time()
-    for kind, row in rows():
-        committer.add(kind, row)  # regex rows carry no engine tokens
-    committer.flush()
-    return {"seconds": time.time() - t0, "commits": committer.commits, "input_tokens": 0, "output_tokens": 0,
-            **{f"chunks_{k}": v for k, v in committer.counts.items()}}
+    counts: collections.Counter = collections.Counter()
+    commits = set()
+    for batch in ds.select_columns(["status", "commit"]).iter_batches(batch_format="pyarrow", batch_size=None):
+        st = batch["status"].to_pylist()
+        counts["converted"] += sum(1 for x in st if x == "ok")
+        counts["reject"] += sum(1 for x in st if x != "ok")
+        commits.update(batch["commit"].to_pylist())
+    print(f"[convert] regex: {counts['converted']} chunks converted, {counts['reject']} rejected, "
+          f"{len(commits)} commits", flush=True)
+    return {"seconds": time.time() - t0, "commits": len(commits), "input_tokens": 0, "output_tokens": 0,
+            **{f"chunks_{k}": v for k, v in counts.items()}}
 
 
 # ------------------------------------------------------------------------------------------- run

@@ -442,9 +442,11 @@ def run(cfg: Config) -> dict:
     if not stats["sequences_train"]:
         raise ValueError(f"pack: {tokens_in} tokens make no full sequence of train.seq_len={seq_len}; convert "
                          "more chunks or lower train.seq_len")
-    if general_in and general_tokens < pc_.mix_ratio * domain_tokens * 0.995:
-        log.warning("pack: general text ran out: mix ratio %.3f < target %.3f", stats["mix_ratio_achieved"],
-                    pc_.mix_ratio)
+    for split, p in plan["splits"].items():
+        if pc_.mix_ratio > 0 and p["general_tokens"] < p["budget"]:
+            log.warning("pack: general text of split %s ran out: %d general tokens < budget %d (mix_ratio %.3f x "
+                        "%d domain tokens); add general text", split, p["general_tokens"], p["budget"],
+                        pc_.mix_ratio, p["domain_tokens"])
     print(f"[pack] {stats['sequences_train']} train + {stats['sequences_val']} val sequences of {seq_len} "
           f"tokens, mix {stats['mix_ratio_achieved']}, waste {stats['waste_fraction']:.2%}", flush=True)
     return write_stats(cfg, STAGE, stats)
