@@ -1,10 +1,13 @@
 """Scale benchmark: ingest -> convert (regex engine) -> pack on a generated corpus of a given token count;
 per stage tokens/s, the driver's peak RSS and Ray's object-store spill.
 
-    .venv/bin/python -m benchmarks.scale --tokens 10e6                      # many small files
-    .venv/bin/python -m benchmarks.scale --tokens 10e6 --layout jsonl       # the same corpus as one JSONL file
-    .venv/bin/python -m benchmarks.scale --tokens 10e6 --layout parquet     # ... as one Parquet file
-    .venv/bin/python -m benchmarks.scale --tokens 1e6 --json out.json      # what CI runs (tests/benchmarks)
+    .venv/bin/python -m benchmarks.scale --tokens 10e6,50e6,200e6            # many small files, 3 sizes
+    .venv/bin/python -m benchmarks.scale --tokens 10e6 --layout small,jsonl,parquet --stages ingest
+                                                    # the same corpus as small files, one JSONL, one Parquet file
+    .venv/bin/python -m benchmarks.scale --tokens 1e6 --layout jsonl --json out.json   # what CI runs
+
+The first size and layout of an invocation is its baseline: every other run reports its driver peak RSS and
+tokens/s per stage as a ratio to it (`vs_first`).
 
 Corpus: unique documents built from real legal sentences, the licence corpus' (licensedcode-data) sentences
 recombined with a seed: each document draws 8-60 sentences and starts with a numbered heading, so no two
@@ -157,6 +160,54 @@ def stage_tokens(stage: str, stats: dict, prev: dict) -> int:
     return int(stats["tokens_in"])
 
 
+def run_one(work: str, tokens: float, layout: str, args) -> dict:
+    """Build the corpus of one size and layout, run the stages each in its own process; the summary."""
+    import yaml
+
+    t0 = time.time()
+    tag = f"{tokens:.0e}-{layout}".replace("+", "")
+    domain, general = f"{work}/corpus/domain-{tag}", f"{work}/corpus/general-{tokens:.0e}".replace("+", "")
+    sizes = {"domain_bytes": write_corpus(domain, sentences("licensedcode"), tokens, args.seed, layout, "Section")}
+    if not os.path.isdir(general):
+        write_corpus(general, sentences("package-docs"), 0.15 * tokens, args.seed + 1, "small", "Note")
+    sizes["general_bytes"] = sum(os.path.getsize(os.path.join(general, x)) for x in os.listdir(general))
+    print(f"[scale] corpus {tokens:.3g} tokens ({layout}): {sizes} in {time.time() - t0:.1f}s", flush=True)
+    out, cfg_path = f"{work}/out-{tag}", f"{work}/config-{tag}.yaml"
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(config(out, domain, general, args.num_cpus, args.shard_bytes), f)
+    results: dict = {}
+    for stage in args.stages.split(","):
+        res_path = f"{work}/result-{tag}-{stage}.json"
+        cmd = [sys.executable, "-m", "benchmarks.scale", "stage", "--config", cfg_path, "--stage", stage,
+               "--result", res_path]
+        with open(f"{work}/{tag}-{stage}.log", "w") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
+        if rc:
+            raise SystemExit(f"[scale] {stage} failed (exit {rc}); log: {work}/{tag}-{stage}.log")
+        r = json.load(open(res_path))
+        n = stage_tokens(stage, r["stats"], results)
+        r["tokens"], r["tokens_per_s"] = n, round(n / r["seconds"], 1)
+        results[stage] = r
+        st = r["stats"]
+        print(f"[scale] {tag} {stage}: {r['seconds']:.1f}s, {n:,} tokens, {r['tokens_per_s']:,.0f} tokens/s, driver "
+              f"peak RSS {r['driver_peak_rss_mb']:.0f} MB, spilled {r['spilled_mib']:.0f} MiB; rows in "
+              f"{st['rows_in']:,} = out {st['rows_out']:,} + rejected {st['rows_rejected']:,}", flush=True)
+    summary = {"tokens_target": tokens, "layout": layout, **sizes,
+               "stages": {s: {k: r[k] for k in ("seconds", "tokens", "tokens_per_s", "driver_peak_rss_mb",
+                                                "spilled_mib")} for s, r in results.items()}}
+    if "ingest" in results:
+        i = results["ingest"]["stats"]
+        summary["ingest_shards"], summary["ingest_files"] = i["shards"], i["files"]
+    if "pack" in results:
+        p = results["pack"]["stats"]
+        summary["pack"] = {k: p[k] for k in ("mix_ratio_achieved", "mix_by_split", "waste_fraction",
+                                             "sequences_train", "buckets")}
+    summary["results"] = results
+    if not args.keep_outputs:
+        shutil.rmtree(out, ignore_errors=True)
+    return summary
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "stage":
         ap = argparse.ArgumentParser()
@@ -168,63 +219,33 @@ def main() -> None:
         json.dump(run_stage_here(a.config, a.stage), open(a.result, "w"))
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=float, required=True, help="domain corpus size, tokens (approx.)")
-    ap.add_argument("--layout", choices=["small", "jsonl", "parquet"], default="small")
+    ap.add_argument("--tokens", required=True,
+                    help="domain corpus sizes in tokens, comma-separated (e.g. 10e6,200e6); the first is the baseline")
+    ap.add_argument("--layout", default="small",
+                    help="layouts, comma-separated: small (many files), jsonl, parquet (one file each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--dir", default=None, help="work folder (default: a temp folder, removed at the end)")
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--num-cpus", type=int, default=4, help="Ray logical CPUs (the demo's 4 on 2 cores)")
     ap.add_argument("--shard-bytes", type=int, default=4_000_000, help="ingest.shard_bytes")
+    ap.add_argument("--keep-outputs", action="store_true", help="keep each run's stage outputs")
     args = ap.parse_args()
 
     work = args.dir or tempfile.mkdtemp(prefix="bench-scale-")
-    t0 = time.time()
-    domain, general = f"{work}/corpus/domain-{args.layout}", f"{work}/corpus/general"
-    sizes = {"domain_bytes": write_corpus(domain, sentences("licensedcode"), args.tokens, args.seed, args.layout,
-                                          "Section"),
-             "general_bytes": write_corpus(general, sentences("package-docs"), 0.15 * args.tokens, args.seed + 1,
-                                           "small", "Note")}
-    print(f"[scale] corpus {args.tokens:.3g} tokens ({args.layout}): {sizes} in {time.time() - t0:.1f}s",
-          flush=True)
-    import yaml
-
-    out = f"{work}/out-{args.layout}"
-    cfg_path = f"{work}/config-{args.layout}.yaml"
-    with open(cfg_path, "w") as f:
-        yaml.safe_dump(config(out, domain, general, args.num_cpus, args.shard_bytes), f)
-    results: dict = {}
-    for stage in args.stages.split(","):
-        res_path = f"{work}/result-{stage}.json"
-        cmd = [sys.executable, "-m", "benchmarks.scale", "stage", "--config", cfg_path, "--stage", stage,
-               "--result", res_path]
-        log = open(f"{work}/{stage}.log", "w")
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
-        if rc:
-            raise SystemExit(f"[scale] {stage} failed (exit {rc}); log: {work}/{stage}.log")
-        r = json.load(open(res_path))
-        tokens = stage_tokens(stage, r["stats"], results)
-        r["tokens"] = tokens
-        r["tokens_per_s"] = round(tokens / r["seconds"], 1)
-        results[stage] = r
-        st = r["stats"]
-        print(f"[scale] {stage}: {r['seconds']:.1f}s, {tokens:,} tokens, {r['tokens_per_s']:,.0f} tokens/s, driver "
-              f"peak RSS {r['driver_peak_rss_mb']:.0f} MB, spilled {r['spilled_mib']:.0f} MiB; rows in "
-              f"{st['rows_in']:,} = out {st['rows_out']:,} + rejected {st['rows_rejected']:,}", flush=True)
-    summary = {"tokens_target": args.tokens, "layout": args.layout, **sizes, "cpus": os.cpu_count(),
-               "ray_num_cpus": args.num_cpus, "date": time.strftime("%Y-%m-%d"),
-               "stages": {s: {k: r[k] for k in ("seconds", "tokens", "tokens_per_s", "driver_peak_rss_mb",
-                                                "spilled_mib")} for s, r in results.items()}}
-    if "ingest" in results:
-        i = results["ingest"]["stats"]
-        summary["ingest_shards"], summary["ingest_files"] = i["shards"], i["files"]
-    if "pack" in results:
-        p = results["pack"]["stats"]
-        summary["pack"] = {k: p[k] for k in ("mix_ratio_achieved", "waste_fraction", "sequences_train", "buckets")}
-    print(json.dumps(summary, indent=2))
+    runs = [run_one(work, float(t), layout, args) for t in args.tokens.split(",")
+            for layout in args.layout.split(",")]
+    base = runs[0]
+    # Ratios against the first run of this invocation (the baseline measured in the same run).
+    for r in runs:
+        r["vs_first"] = {s: {"driver_peak_rss": round(v["driver_peak_rss_mb"] / base["stages"][s]["driver_peak_rss_mb"], 3),
+                             "tokens_per_s": round(v["tokens_per_s"] / base["stages"][s]["tokens_per_s"], 3)}
+                         for s, v in r["stages"].items() if s in base["stages"]}
+    env = {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps({**env, "runs": [{k: v for k, v in r.items() if k != "results"} for r in runs]}, indent=2))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**summary, "results": results}, f, indent=2)
+            json.dump({**env, "runs": runs}, f, indent=2)
     if not args.dir:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -18,8 +18,9 @@ def test_scale_benchmark_one_million_tokens(tmp_path):
                         "--shard-bytes", "1000000", "--dir", str(tmp_path / "work"), "--json", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = json.load(open(out))
+    res = json.load(open(out))["runs"][0]
     assert set(res["stages"]) == {"ingest", "convert", "pack"}
+    assert all(v == {"driver_peak_rss": 1.0, "tokens_per_s": 1.0} for v in res["vs_first"].values())
     for stage, s in res["stages"].items():
         st = res["results"][stage]["stats"]
         assert st["rows_in"] == st["rows_out"] + st["rows_rejected"], stage

@@ -11,8 +11,8 @@ N-th smallest id, found by a distributed sort that the driver reads as a stream 
 not the list); the readers then keep `id <= threshold`. Tasks receive the threshold, never a list of ids, so
 their work and memory do not grow with the corpus.
 
-Resume and reconciliation are Ray Data group-bys over narrow rows (ids and a side tag) on a sort-shuffle
-(dataops.sort_shuffle); the driver receives counts and at most a few example ids.
+Resume and reconciliation are Ray Data group-bys over narrow rows (ids and a side tag) on a hash shuffle
+(dataops.hash_shuffle); the driver receives counts and at most a few example ids.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transformllm_ray.config import Config
-from transformllm_ray.dataops import map_files, shuffle_partitions, sort_shuffle
+from transformllm_ray.dataops import map_files, shuffle_partitions, hash_shuffle
 from transformllm_ray.schema import Chunk, arrow_schema
 from transformllm_ray.storage import exists, list_files, read_json, read_parquet
 
@@ -112,9 +112,9 @@ def _keep_unmatched(group: pa.Table) -> pa.Table:
 def anti_join(left, right, schema: pa.Schema, on: str = "id"):
     """Rows of `left` (columns exactly `schema`) whose `on` value is in no row of `right` (column `on`).
 
-    A sort-shuffle group-by on `on` over both sides: no aggregator actors, no extra dependency. Used on
-    resume only (a fresh run has nothing to subtract), so its per-id group call is paid only then."""
-    with sort_shuffle():
+    A group-by on `on` over both sides (dataops.hash_shuffle), no extra dependency. Used on resume only (a
+    fresh run has nothing to subtract), so its per-id group call is paid only then."""
+    with hash_shuffle():
         lt = left.map_batches(_tagged, fn_kwargs={"side": 0}, batch_format="pyarrow", num_cpus=0.25)
         rt = right.map_batches(_padded, fn_kwargs={"schema": schema, "on": on}, batch_format="pyarrow",
                                num_cpus=0.25)
@@ -145,7 +145,7 @@ def check_exactly_once(sel: Selection, out_files: dict[str, list[str]]) -> None:
     parts += [map_files(out_files["converted"], _ids_of, {"column": "id", "side": 2})]
     parts += [map_files(out_files["rejects"], _ids_of, {"column": "ref", "side": 2})]
     parts = [p for p in parts if p is not None]
-    with sort_shuffle():
+    with hash_shuffle():
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         agg = ds.groupby("id", num_partitions=shuffle_partitions()).aggregate(
             ray.data.aggregate.Count(alias_name="n"), ray.data.aggregate.Sum("side", alias_name="s"))

@@ -39,7 +39,7 @@ from transformllm_ray.convert.prompts import PromptDB, load_prompts, sample_fami
 from transformllm_ray.convert.select import (
     Selection, anti_join, check_exactly_once, chunk_schema, chunks_ds, selection,
 )
-from transformllm_ray.dataops import map_files
+from transformllm_ray.dataops import BatchUDF, map_files
 from transformllm_ray.schema import make_reject
 from transformllm_ray.stage import stage_fingerprint, write_stats
 from transformllm_ray.storage import read_parquet
@@ -242,7 +242,7 @@ def vllm_pass(cfg: Config, ds, attempt: int, ledger: Ledger, db: PromptDB, model
             "commits": committer.commits, **{f"chunks_{k}": v for k, v in committer.counts.items()}}
 
 
-class RegexCommitStage:
+class RegexCommitStage(BatchUDF):
     """Ray Data stage (engine regex): a batch of chunk rows in, converted and committed by this worker as one
     ledger commit (`convert.rows_per_file` rows); one narrow row per chunk out (id, status, commit key).
 
@@ -261,7 +261,7 @@ class RegexCommitStage:
         tag = self.conv.db.version_tag
         self.base = {"engine": "regex", "model": "regex", "model_revision": tag, "prompt_version": tag}
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+    def map(self, batch: dict[str, Any]) -> dict[str, list]:
         t0 = time.time()
         res = self.conv(batch)
         n = len(batch["id"])

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transformllm_ray.config import Config, SourceConfig
-from transformllm_ray.dataops import UnitWorker, map_files, run_units, shuffle_partitions, sort_shuffle
+from transformllm_ray.dataops import UnitWorker, map_files, run_units, shuffle_partitions, hash_shuffle
 from transformllm_ray.schema import Chunk, Reject, make_reject, to_table
 from transformllm_ray.sources.builtin import BUILTINS
 from transformllm_ray.sources.readers import RawDoc, WorkFile, detect_format, is_compressed, read_file
@@ -253,10 +253,10 @@ def cross_shard_dedup(cfg: Config, shard_ids: list[str]) -> int:
     (~60 bytes: id, reference, shard), grouped by document id over the cluster's workers, and the driver
     receives one row per shard that held a copy. At 10x the presets' size (5B tokens, ~3M documents) that is
     ~200 MB of rows spread over the workers' object stores (spilled to disk if need be) and O(shards) rows on
-    the driver, where a driver-side set would hold every hash at once. Both group-bys are sort-shuffles
-    (dataops.sort_shuffle): tasks only, no per-run aggregator actors."""
+    the driver, where a driver-side set would hold every hash at once. Both group-bys are hash shuffles
+    (dataops.hash_shuffle): the rows live in aggregator actors, and the driver's memory stays flat."""
     out = cfg.stage_dir(STAGE)
-    with sort_shuffle():
+    with hash_shuffle():
         firsts = map_files([f"{out}/chunks/part-{sid}.parquet" for sid in shard_ids], _first_chunks)
         if firsts is None:
             return 0

@@ -19,7 +19,7 @@ B. Mix budget (narrow rows). Per split, the general budget is mix_ratio x domain
    general rows, sorted by (key, id) in a distributed sort, stream past the driver, which keeps a running sum
    and stops at the row that crosses the budget: that row is cut to the exact remainder, the rest are
    `general_not_needed`. The driver keeps one threshold per split, so the mix is met to the token.
-C. Pack (a sort-shuffle group-by on (split, bucket)). bucket = key x n_buckets >> 60, n_buckets =
+C. Pack (a hash-shuffle group-by on (split, bucket)). bucket = key x n_buckets >> 60, n_buckets =
    ceil(split tokens / pack.bucket_tokens). Each group is sorted by (key, id); raw rows of documents that have
    converted rows are dropped (`raw_superseded`); texts are joined with EOS and cut into `train.seq_len`
    windows; the bucket's last partial window is dropped as waste. The worker writes
@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transformllm_ray.config import Config
-from transformllm_ray.dataops import UnitWorker, map_files, run_units, shuffle_partitions, sort_shuffle
+from transformllm_ray.dataops import UnitWorker, map_files, run_units, shuffle_partitions, hash_shuffle
 from transformllm_ray.splits import SPLITS, assign_split
 from transformllm_ray.stage import write_stats
 from transformllm_ray.storage import (
@@ -200,7 +200,7 @@ def superseded_raw(parts: list[str]) -> dict[str, list[int]]:
     ds = map_files(parts, _narrow, {"kinds": ["domain", "raw"]})
     if ds is None:
         return {}
-    with sort_shuffle():
+    with hash_shuffle():
         per_doc = ds.map_batches(_doc_flags, batch_format="pyarrow").groupby(
             "doc_id", num_partitions=shuffle_partitions()).aggregate(
             ray.data.aggregate.Sum("conv", alias_name="conv"), ray.data.aggregate.Sum("raw_rows", alias_name="rows"),
@@ -330,7 +330,7 @@ def run_phase_c(cfg: Config, parts: list[str], plan: dict, eos_id: int) -> None:
     if not todo:
         return
     out = cfg.stage_dir(STAGE)
-    with sort_shuffle():
+    with hash_shuffle():
         ds = map_files(parts, _bucketed, {"plan": plan})
         ds.groupby(["split", "bucket"], num_partitions=shuffle_partitions()).map_groups(
             pack_group, fn_kwargs={"out_dir": out, "seq_len": cfg.train.seq_len, "eos_id": eos_id},
