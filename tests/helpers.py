@@ -35,7 +35,9 @@ def start_cli_and_kill(args: list[str], ready, timeout: float = 300, extra_delay
         time.sleep(0.05)
     time.sleep(extra_delay)
     if proc.poll() is not None:
-        out = proc.stdout.read().decode(errors="replace")[-3000:]
-        raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be killed: {out}")
+        lines = proc.stdout.read().decode(errors="replace").splitlines()
+        errors = [ln for ln in lines if "Error" in ln or "Traceback" in ln or ln.startswith("[")][-20:]
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be killed: "
+                             + "\n".join(errors + lines[-10:]))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

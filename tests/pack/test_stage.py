@@ -28,12 +28,13 @@ INPUT = {"builtin": "licensedcode", "max_files": 80}
 GENERAL = {"builtin": "package-docs", "max_files": 40}
 PACK = {"include_raw_chunks": True, "mix_ratio": 0.5, "bucket_tokens": 20000}
 SPLIT = {"heldout_fraction": 0.1, "val_fraction": 0.1}
+INGEST = {"chunk_tokens": 512, "shard_bytes": 300_000}  # several ingest parts: several tokenising units
 
 
 @pytest.fixture(scope="module")
 def ingested(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pack")
-    cfg = load_config(write_config(tmp, input=INPUT, general=GENERAL, ingest={"chunk_tokens": 512}, split=SPLIT))
+    cfg = load_config(write_config(tmp, input=INPUT, general=GENERAL, ingest=INGEST, split=SPLIT))
     ingest.run(cfg)
     return cfg
 
@@ -42,7 +43,7 @@ def _config(base_cfg, tmp_path, name, seed=0, stages=("ingest",), **over):
     d = tmp_path / name
     for s in stages:
         shutil.copytree(f"{base_cfg.output_dir}/{s}", d / "out" / s)
-    return write_config(d, input=INPUT, general=GENERAL, ingest={"chunk_tokens": 512}, split=SPLIT,
+    return write_config(d, input=INPUT, general=GENERAL, ingest=INGEST, split=SPLIT,
                         pack={**PACK, **over}, convert={"engine": "regex", "max_chunks": 30},
                         train={"seq_len": SEQ, "max_steps": 10, "warmup_steps": 1}, seed=seed)
 

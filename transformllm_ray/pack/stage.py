@@ -16,9 +16,10 @@ A. Tokenise (work units = input files, `dataops.run_units`). Each unit writes `_
    `key` = 60 bits of sha256(seed:doc_id): the seeded order of documents; every row of a document, raw or
    converted, shares it, so a document stays contiguous and lands in one bucket.
 B. Mix budget (narrow rows). Per split, the general budget is mix_ratio x domain tokens (EOS included). The
-   general rows, sorted by (key, id) in a distributed sort, stream past the driver, which keeps a running sum
-   and stops at the row that crosses the budget: that row is cut to the exact remainder, the rest are
-   `general_not_needed`. The driver keeps one threshold per split, so the mix is met to the token.
+   general rows are taken in (key, id) order until the budget: a group-by sums tokens per key bin (2^16 bins),
+   the driver finds the bin that crosses the budget and walks only that bin's rows; the crossing row is cut
+   to the exact remainder, later rows are `general_not_needed`. One threshold per split: the mix is met to
+   the token.
 C. Pack (a hash-shuffle group-by on (split, bucket)). bucket = key x n_buckets >> 60, n_buckets =
    ceil(split tokens / pack.bucket_tokens). Each group is sorted by (key, id); raw rows of documents that have
    converted rows are dropped (`raw_superseded`); texts are joined with EOS and cut into `train.seq_len`
@@ -213,28 +214,64 @@ def superseded_raw(parts: list[str]) -> dict[str, list[int]]:
     return out
 
 
-def general_threshold(parts: list[str], split: str, budget: int) -> dict | None:
-    """Streams the split's general rows in (key, id) order and returns the last row taken: {key, id, room}
-    (room = tokens kept of that row, None when whole), or None when every row fits the budget."""
-    def _general(uri: str) -> pa.Table:
-        t = _narrow(uri, ["general"])
-        return t.filter(pc.equal(t["split"], split)).select(["key", "id", "n_tokens"])
+BIN_BITS = 16
+"""Phase B splits the key space into 2^16 bins: the driver sees one row per bin, whatever the corpus size."""
 
-    ds = map_files(parts, _general)
+
+def _general_rows(uri: str, split: str) -> pa.Table:
+    t = _narrow(uri, ["general"])
+    t = t.filter(pc.equal(t["split"], split))
+    return t.select(["key", "id", "n_tokens"]).append_column(
+        "bin", pc.shift_right(t["key"], KEY_BITS - BIN_BITS)).append_column("tok", pc.add(t["n_tokens"], 1))
+
+
+def general_threshold(parts: list[str], split: str, budget: int) -> dict | None:
+    """The last general row of the split taken in (key, id) order within the budget: {key, id, room} (room =
+    tokens kept of that row, None when whole), or None when every row fits.
+
+    Two narrow passes instead of a global sort: a group-by sums tokens per key bin (2^16 rows reach the
+    driver), the driver finds the bin where the running sum crosses the budget, and only that bin's rows
+    (~rows / 65536) are read back and walked in order."""
+    import ray
+
+    ds = map_files(parts, _general_rows, {"split": split})
     if ds is None:
         return None
-    have, last = 0, None
-    for batch in ds.sort(["key", "id"]).iter_batches(batch_format="pyarrow", batch_size=65536):
-        for key, rid, n in zip(batch["key"].to_pylist(), batch["id"].to_pylist(), batch["n_tokens"].to_pylist()):
-            if have + n + 1 <= budget:
-                have += n + 1
-                last = {"key": key, "id": rid, "room": None}
-                continue
-            room = budget - have - 1
-            if room > 0:
-                last = {"key": key, "id": rid, "room": room}
-            return last or {"key": -1, "id": "", "room": None}
-    return None
+    with hash_shuffle():
+        sums = ds.groupby("bin", num_partitions=shuffle_partitions()).aggregate(
+            ray.data.aggregate.Sum("tok", alias_name="tok"))
+        bins = sorted((int(r["bin"]), int(r["tok"])) for r in sums.iter_rows())
+    have, cross = 0, None
+    for b, tok in bins:
+        if have + tok > budget:
+            cross = b
+            break
+        have += tok
+    if cross is None:
+        return None
+    rows = sorted((int(r["key"]), str(r["id"]), int(r["n_tokens"]))
+                  for r in map_files(parts, _bin_rows, {"split": split, "bin": cross}).take_all())
+    last = None
+    for key, rid, n in rows:
+        if have + n + 1 <= budget:
+            have += n + 1
+            last = {"key": key, "id": rid, "room": None}
+            continue
+        room = budget - have - 1
+        if room > 0:
+            last = {"key": key, "id": rid, "room": room}
+        break
+    if last is None and have:  # nothing of the crossing bin fits: the threshold is the last row before it
+        prev_bin = max(b for b, _ in bins if b < cross)
+        k, i = max((int(r["key"]), str(r["id"]))
+                   for r in map_files(parts, _bin_rows, {"split": split, "bin": prev_bin}).take_all())
+        last = {"key": k, "id": i, "room": None}
+    return last or {"key": -1, "id": "", "room": None}
+
+
+def _bin_rows(uri: str, split: str, bin: int) -> pa.Table:
+    t = _general_rows(uri, split)
+    return t.filter(pc.equal(t["bin"], bin)).select(["key", "id", "n_tokens"])
 
 
 # ------------------------------------------------------------------------------------------------ phase C
