@@ -116,17 +116,6 @@ def shuffle_partitions() -> int:
     return max(1, min(MAX_SHUFFLE_PARTITIONS, cpus))
 
 
-def read_parquet_ds(uris: Iterable[str], columns: list[str] | None = None, **kw):
-    """ray.data.read_parquet of a list of files (local or URIs); None when the list is empty (Ray Data
-    refuses an empty list, and "no files" usually needs its own message at the caller)."""
-    import ray
-
-    uris = list(uris)
-    if not uris:
-        return None
-    return ray.data.read_parquet(uris, columns=columns, **kw)
-
-
 def map_files(uris: Iterable[str], fn, fn_kwargs: dict | None = None, num_cpus: float = 0.25):
     """A Dataset of the rows `fn(uri, **fn_kwargs)` returns (a pyarrow Table) for each file, one Ray task per
     file. For our own Parquet parts, whose names we know: it skips `read_parquet`'s file-listing task, a fixed

@@ -150,10 +150,9 @@ class TokenizeUnit(UnitWorker):
 
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
         t, rejected = unit_rows(self.cfg, unit["role"], unit["uri"])
-        texts = t["text"].to_pylist()
-        empty = [not x.strip() for x in texts]
-        rejected["empty"] = sum(empty)
-        t = t.filter(pa.array([not e for e in empty], pa.bool_()))
+        keep = [bool(x.strip()) for x in t["text"].to_pylist()]
+        rejected["empty"] = keep.count(False)
+        t = t.filter(pa.array(keep, pa.bool_()))
         ids: list[list[int]] = []
         texts = t["text"].to_pylist()
         for i in range(0, len(texts), 256):
