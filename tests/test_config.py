@@ -56,6 +56,20 @@ def test_overrides_and_extends(tmp_path):
         load_config(child, ["train.max_steps"])
 
 
+def test_a_key_set_twice_is_an_error_naming_key_and_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("output_dir: o\ninput:\n  builtin: licensedcode\ntrain:\n  lr: 3.0e-4\n  max_steps: 20\n"
+                 "  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: invalid YAML: duplicate key 'lr' on line 7 \(first set on line 5\)"):
+        load_config(p)
+    p.write_text("output_dir: o\ninput:\n  builtin: licensedcode\noutput_dir: p\n")
+    with pytest.raises(ConfigError, match="duplicate key 'output_dir' on line 4"):
+        load_config(p)
+    p.write_text("output_dir: o\ninput:\n  builtin: licensedcode\ntrain:\n  lr: 3.0e-4\neval:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="eval.lr"):  # the same name in two sections is fine; eval has no lr
+        load_config(p)
+
+
 def test_every_field_has_a_docstring():
     rows = describe()
     assert len(rows) > 60

@@ -66,3 +66,19 @@ def test_local_ray_serves_the_state_api_that_ray_train_polls(tmp_path):
 
     assert probe() == "ALIVE"
     assert probe("ray.dashboard=false").startswith("unavailable")
+
+
+def test_cluster_nodes_get_the_local_sessions_ray_settings():
+    """Every node of every shipped cluster definition starts Ray with RAY_SYSTEM_CONFIG (as environment
+    variables), so a cluster driver keeps narrow blocks out of its heap as the local session does."""
+    import glob
+    import re
+
+    from transformllm_ray.runtime import RAY_SYSTEM_CONFIG
+
+    for path in ["cluster/aws.yaml", "cluster/gcp.yaml", *glob.glob("cluster/kuberay/ray*.yaml")]:
+        text = open(path).read()
+        starts = text.count("ray start") if "kuberay" not in path else text.count("image: ")
+        for key, value in RAY_SYSTEM_CONFIG.items():
+            found = re.findall(rf"RAY_{key}(?:=|\"?, value: \"?)(\d+)", text)
+            assert len(found) == starts and set(found) == {str(value)}, (path, key, found, starts)

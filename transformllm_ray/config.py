@@ -527,7 +527,22 @@ def join_uri(base: str, *parts: str) -> str:
 
 # --------------------------------------------------------------------------------------------- loading
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`, a trap for learning rates)."""
+    """SafeLoader that also reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`, a trap for learning rates) and
+    refuses a key set twice in one mapping (PyYAML keeps the last silently: an edit lower in a long file
+    would undo one above it without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} on line {line} (first set on line {seen[key]})",
+                        key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

@@ -7,8 +7,8 @@
 
 The selection is the domain chunks of `ingest/chunks/` whose document is not held out (ingest's `split`
 column), in id order, the first `convert.max_chunks`. "The first N in id order" is kept as one scalar, the
-N-th smallest id, found by a distributed sort that the driver reads as a stream (it keeps the last id seen,
-not the list); the readers then keep `id <= threshold`. Tasks receive the threshold, never a list of ids, so
+N-th smallest id, found from id counts per bin of the id space (nth_smallest_id); the readers then keep
+`id <= threshold`. Tasks receive the threshold, never a list of ids, so
 their work and memory do not grow with the corpus.
 
 Resume and reconciliation are Ray Data group-bys over narrow rows (ids and a side tag) on a hash shuffle
@@ -68,22 +68,40 @@ def selection(cfg: Config) -> Selection:
                                            "beyond_max_chunks": eligible - n})
 
 
+ID_BIN_CHARS = 4
+"""Bins of the id space for nth_smallest_id: ids start with hex digits of a sha256, so the first 4 spread the
+ids evenly over 65,536 bins; the driver sees one row per bin, whatever the corpus size."""
+
+
+def _id_bins(uri: str) -> pa.Table:
+    t = _eligible(uri, ["id"], None)
+    return pa.table({"bin": pc.utf8_slice_codeunits(t["id"], 0, ID_BIN_CHARS), "n": pa.array([1] * t.num_rows, pa.int64())})
+
+
+def _ids_in_bin(uri: str, bin: str) -> pa.Table:
+    t = _eligible(uri, ["id"], None)
+    return t.filter(pc.equal(pc.utf8_slice_codeunits(t["id"], 0, ID_BIN_CHARS), bin))
+
+
 def nth_smallest_id(files: list[str], n: int) -> str:
-    """The n-th smallest eligible chunk id: a distributed sort of the ids, streamed to the driver, which keeps
-    only the last id of the first n (memory O(one batch))."""
-    ds = map_files(files, _eligible, {"columns": ["id"], "threshold": None}).sort("id")
-    seen, last = 0, None
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=65536):
-        take = min(n - seen, batch.num_rows)
-        if take > 0:
-            last = batch["id"][take - 1].as_py()
-        seen += batch.num_rows
-        if seen >= n:
-            break
-    if last is None or seen < n:
-        raise RuntimeError(f"convert: ingest/stats.json promises {n} eligible chunks, the files hold {seen}: "
-                           "ingest output changed; rerun ingest")
-    return last
+    """The n-th smallest eligible chunk id (n >= 1), in two narrow passes instead of a global sort (whose
+    shuffle grows the driver with the rows): a group-by counts ids per bin of their first hex digits (65,536
+    rows reach the driver), the driver finds the bin where the running count reaches n, and only that bin's
+    ids (~rows / 65,536) are read back and sorted."""
+    import ray
+
+    with hash_shuffle():
+        counts = map_files(files, _id_bins).groupby("bin", num_partitions=shuffle_partitions()).aggregate(
+            ray.data.aggregate.Sum("n", alias_name="n"))
+        bins = sorted((str(r["bin"]), int(r["n"])) for r in counts.iter_rows())
+    seen = 0
+    for b, k in bins:
+        if seen + k >= n:
+            ids = sorted(str(r["id"]) for r in map_files(files, _ids_in_bin, {"bin": b}).take_all())
+            return ids[n - seen - 1]
+        seen += k
+    raise RuntimeError(f"convert: ingest/stats.json promises {n} eligible chunks, the files hold {seen}: "
+                       "ingest output changed; rerun ingest")
 
 
 def chunks_ds(sel: Selection, columns: list[str] = CHUNK_COLUMNS):
