@@ -59,24 +59,26 @@ def write_packed(cfg, n_seqs: int) -> int:
     import pyarrow as pa
 
     from transformllm_ray.models.assets import load_tokenizer
+    from transformllm_ray.pack.windows import cut, join_with_eos, windows_column
     from transformllm_ray.sources.builtin import licensedcode_files
     from transformllm_ray.sources.readers import RawDoc, read_file
     from transformllm_ray.stage import write_stats
     from transformllm_ray.storage import write_parquet_atomic
 
     tok = load_tokenizer(cfg.pack_tokenizer)
-    seq_len, ids, docs = cfg.train.seq_len, [], 0
+    seq_len, lists, have = cfg.train.seq_len, [], 0
     for wf in licensedcode_files():
         for rec in read_file(wf):
             if isinstance(rec, RawDoc) and len(rec.text) > 500:
-                ids += tok(rec.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                docs += 1
-        if len(ids) >= n_seqs * seq_len:
+                lists.append(tok(rec.text, add_special_tokens=False)["input_ids"])
+                have += len(lists[-1]) + 1
+        if have >= n_seqs * seq_len:
             break
-    if len(ids) < n_seqs * seq_len:  # a long run at seq 2048: go round the corpus again
-        ids = ids * (n_seqs * seq_len // len(ids) + 1)
-    windows = np.asarray(ids[: n_seqs * seq_len], dtype=np.int32).reshape(n_seqs, seq_len)
-    table = pa.table({"input_ids": pa.array(windows.tolist(), type=pa.list_(pa.int32())),
+    docs = len(lists)
+    if have < n_seqs * seq_len:  # a long run at seq 2048: go round the corpus again
+        lists = lists * (n_seqs * seq_len // have + 1)
+    windows = cut(join_with_eos(lists, tok.eos_token_id)[0], seq_len)[:n_seqs]  # the pack stage's packer
+    table = pa.table({"input_ids": windows_column(windows),
                       "sequence": pa.array(np.arange(n_seqs), type=pa.int64())})
     write_parquet_atomic(table, f"{cfg.stage_dir('pack')}/packed/train/part-00000.parquet")
     write_stats(cfg, "pack", {"rows_in": docs, "rows_out": docs, "rows_rejected": 0, "seconds": 0.0,

@@ -54,7 +54,7 @@ def ray_local():
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in FORWARD if k in os.environ}},
-             _system_config=RAY_SYSTEM_CONFIG)  # as runtime.ray_session starts it
+             _system_config=dict(RAY_SYSTEM_CONFIG))  # as ray_session starts it (a copy: ray.init adds keys)
     yield ray
     ray.shutdown()
 

@@ -82,3 +82,64 @@ def test_cluster_nodes_get_the_local_sessions_ray_settings():
         for key, value in RAY_SYSTEM_CONFIG.items():
             found = re.findall(rf"RAY_{key}(?:=|\"?, value: \"?)(\d+)", text)
             assert len(found) == starts and set(found) == {str(value)}, (path, key, found, starts)
+
+
+LOCAL_PROBE = r"""
+import sys
+import ray
+from transformllm_ray.config import load_config
+from transformllm_ray.runtime import ray_session
+
+with ray_session(load_config(sys.argv[1], sys.argv[2:])):
+    print("GCS", ray.get_runtime_context().gcs_address, "CPUS", int(ray.cluster_resources()["CPU"]))
+"""
+
+
+def test_local_mode_is_local_beside_a_running_head_and_a_stale_cluster_file(tmp_path):
+    """Without RAY_ADDRESS, ray_session starts its own Ray: not the one a `ray start --head` keeps running on
+    the machine, and not the address a crashed Ray left in ray_current_cluster. (RAY_TMPDIR keeps this test's
+    cluster file and head apart from the rest of the machine.)"""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from tests.helpers import write_config
+
+    path = write_config(tmp_path)
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are length-limited
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": tmp}
+    os.makedirs(f"{tmp}/ray")
+    with open(f"{tmp}/ray/ray_current_cluster", "w") as f:  # a stale file: nothing listens there
+        f.write("127.0.0.1:9\n")
+
+    def probe() -> tuple[str, int]:
+        r = subprocess.run([sys.executable, "-c", LOCAL_PROBE, path, "ray.num_cpus=1", "ray.dashboard=false"],
+                           capture_output=True, text=True, timeout=180, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        gcs, cpus = r.stdout.split("GCS", 1)[1].split("CPUS")
+        return gcs.strip(), int(cpus)
+
+    assert probe()[1] == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=3",
+                             "--include-dashboard=false"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not open(f"{tmp}/ray/ray_current_cluster").read().strip().endswith(f":{port}"):
+            assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
+            time.sleep(1)
+        gcs, cpus = probe()
+        assert cpus == 1 and not gcs.endswith(f":{port}"), (gcs, cpus)  # its own Ray, not the head's 3 CPUs
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)

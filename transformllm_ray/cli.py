@@ -1,11 +1,13 @@
 """Command line: `transformllm <stage> --config PATH [dotted.key=value ...]`.
 
     transformllm run    --config configs/debug-local.yaml                  # every stage, skipping finished ones
+    transformllm run    --config configs/debug-local.yaml train.seq_len=512 --redo   # redo what the change touches
     transformllm ingest --config configs/debug-local.yaml ingest.chunk_tokens=512
     transformllm keys                                                       # every config key with its doc
 
 Stages: ingest, convert, pack, train, eval, report, run; plus `plan` (estimate cost) and `keys`. The config
-is loaded and validated before Ray starts: a bad key or value exits with status 2 and one line.
+is loaded and validated before Ray starts: a bad key or value exits with status 2 and one line, and so does
+a stage whose recorded inputs differ from the config's (stage.py), unless `--redo` asks to redo it.
 `python -m jobs.pipeline --config ...` is the same code path (used by `ray job submit`).
 """
 
@@ -25,17 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=COMMANDS, help="stage to run (run = all stages in order)")
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
+    p.add_argument("--redo", action="store_true",
+                   help="redo a stage whose output was made from other inputs (deletes that output) instead of "
+                        "refusing; with run, every such stage and the stages after it")
     return p
 
 
-def run_stages(cfg, stages) -> dict:
+def run_stages(cfg, stages, redo: bool = False) -> dict:
     from transformllm_ray.runtime import ray_session
-    from transformllm_ray.stage import run_stage
+    from transformllm_ray.stage import check_stages, run_stage
 
+    check_stages(cfg, stages, redo)  # before Ray starts: a refusal costs no start-up
     results = {}
     with ray_session(cfg):
         for s in stages:
-            results[s] = run_stage(cfg, s)
+            results[s] = run_stage(cfg, s, redo)
     return results
 
 
@@ -62,8 +68,14 @@ def main(argv: list[str] | None = None, default_stage: str | None = None) -> int
 
         print_plan(cfg)
         return 0
+    from transformllm_ray.stage import StageChanged
+
     stages = STAGES if args.stage == "run" else (args.stage,)
-    run_stages(cfg, stages)
+    try:
+        run_stages(cfg, stages, args.redo)
+    except StageChanged as e:
+        print(f"transformllm: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

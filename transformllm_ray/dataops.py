@@ -58,7 +58,7 @@ class UnitWorker(BatchUDF):
     writes the unit's outputs and returns its counts (JSON-serialisable, the same keys for every unit);
     `__call__` writes the marker after it, or returns the marker's counts if the unit is already done."""
 
-    input_columns = ("unit_id",)
+    input_columns: tuple[str, ...] = ("unit_id",)
 
     def __init__(self, marker_dir: str):
         self.marker_dir = marker_dir

@@ -3,8 +3,9 @@
     with ray_session(cfg):
         run_stage(cfg, "ingest")
 
-`ray.address` (config) or $RAY_ADDRESS -> join that cluster (inside `ray job submit` the job's runtime env,
-with its env vars, already reaches every worker). Otherwise a local single-node Ray with `ray.num_cpus` (and
+`ray.address` (config) or $RAY_ADDRESS -> join that cluster, passing no resource counts (inside `ray job
+submit` the job's runtime env, with its env vars, already reaches every worker). Otherwise a new local
+single-node Ray of our own, whatever else runs on the machine, with `ray.num_cpus` (and
 its dashboard on loopback unless `ray.dashboard=false`), and
 the non-secret variables matching `ray.forward_env` (VLLM_*, WANDB_MODE, HF_HUB_OFFLINE, ...) passed to
 workers through the runtime env. Secret ones (WANDB_API_KEY, HF_TOKEN, ...) are *not* put in a runtime env:
@@ -84,8 +85,11 @@ def ray_session(cfg: Config):
         ray.init(address=address, log_to_driver=True)
     else:
         plain, _secret = split_secrets(forwarded_env(cfg.ray.forward_env))
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, runtime_env={"env_vars": plain},
-                 _system_config=RAY_SYSTEM_CONFIG)
+        # address="local": always a new Ray of our own. Without it, ray.init joins a Ray it finds on the machine
+        # (a `ray start --head` someone keeps, or a stale ray_current_cluster file of a crashed one) and then
+        # fails on num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided").
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard,
+                 runtime_env={"env_vars": plain}, _system_config=dict(RAY_SYSTEM_CONFIG))  # a copy: ray.init adds keys to it
     try:
         yield
     finally:

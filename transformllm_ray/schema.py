@@ -116,7 +116,7 @@ def to_table(rows: Iterable[Any], cls: type) -> pa.Table:
     names = column_names(cls)
     cols: dict[str, list] = {n: [] for n in names}
     for r in rows:
-        d = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r
+        d = dataclasses.asdict(r) if dataclasses.is_dataclass(r) and not isinstance(r, type) else r
         for n in names:
             cols[n].append(d[n])
     return pa.table(cols, schema=arrow_schema(cls))

@@ -1,61 +1,208 @@
-"""Stage bookkeeping shared by every stage: where it writes, whether it is finished, its stats.json.
+"""Stage bookkeeping shared by every stage: where it writes, whether it is finished, what it was made from.
 
 A stage is finished when `<output_dir>/<stage>/stats.json` exists; it is written last, atomically, so it is
-also the stage's completion marker. It records the fingerprint of the config sections the stage depends on;
-a rerun with the same config skips the stage, a rerun with a changed config is refused with a clear message
-(silently mixing outputs of two configs is the worse failure).
+also the stage's completion marker.
 
-    python -m transformllm_ray.cli ingest --config configs/debug-local.yaml   # runs, or skips if finished
+What a stage reads is declared next to its code: `inputs(cfg)` in each `<stage>/stage.py` returns the resolved
+values its output depends on, as dotted keys (its config fields, the tokenizer it resolves, `train.seq_len`
+where it packs, the top-level `seed`...), without the settings that change how fast it runs but not what it
+writes (actors, CPUs, batch sizes, `ray.*`). A stage's *inputs* are its own plus those of the stages it reads
+(`upstream`); its fingerprint is their hash. A stage records its inputs in `_inputs.json` when it starts and in
+stats.json when it finishes. A rerun whose inputs equal the recorded ones skips a finished stage or resumes a
+started one; any difference is refused before Ray starts, naming each changed key, old and new value. With
+`--redo`, a changed stage's output is deleted and the stage run again; its downstream stages then differ too
+(their inputs include this stage's) and are redone in turn by `transformllm run --redo`.
+
+    python -m transformllm_ray.cli ingest --config configs/debug-local.yaml   # runs, skips or resumes
+    python -m transformllm_ray.cli run --config configs/debug-local.yaml train.seq_len=512 --redo
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from transformllm_ray.config import STAGES, Config
-from transformllm_ray.storage import exists, read_json, write_json_atomic
+from transformllm_ray.storage import exists, read_json, remove_tree, write_json_atomic
 
 log = logging.getLogger("transformllm")
 
-# Config sections each stage's output depends on (its fingerprint).
-DEPENDS = {
-    "ingest": ("input", "general", "ingest", "split"),
-    "convert": ("input", "general", "ingest", "split", "convert"),
-    "pack": ("input", "general", "ingest", "split", "convert", "pack"),
-    "train": ("input", "general", "ingest", "split", "convert", "pack", "train"),
-    "eval": ("input", "general", "ingest", "split", "convert", "pack", "train", "eval"),
-    "report": (),
-}
 _RUNNERS = {s: f"transformllm_ray.{s}.stage:run" for s in STAGES}
+INPUTS_FILE = "_inputs.json"
 
 
 class StageChanged(RuntimeError):
-    """A finished stage's output was made with another config."""
+    """A stage's recorded output was made from other inputs than the config gives now, or a stage it reads
+    has not finished: the command cannot go on, and says what to run."""
+
+
+def upstream(cfg: Config, stage: str) -> tuple[str, ...]:
+    """The stages whose output `stage` reads."""
+    return {"ingest": (), "convert": ("ingest",),
+            "pack": ("ingest",) if cfg.pack.domain_paths else ("ingest", "convert"),
+            "train": ("pack",), "eval": ("ingest", "train"), "report": ()}[stage]
+
+
+def section(obj: Any, prefix: str, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """A config section's fields as flat dotted keys (nested sections flattened), minus `exclude` (names
+    relative to the section, dotted for nested ones)."""
+    out: dict[str, Any] = {}
+    skip = set(exclude)
+    for name, value in obj.model_dump(mode="json").items():
+        if name in skip:
+            continue
+        if isinstance(value, dict) and hasattr(getattr(obj, name), "model_dump"):
+            inner = {e.split(".", 1)[1] for e in skip if e.startswith(name + ".")}
+            out.update(section(getattr(obj, name), f"{prefix}.{name}", inner))
+        else:
+            out[f"{prefix}.{name}"] = value
+    return out
+
+
+def stage_inputs(cfg: Config, stage: str) -> dict[str, Any]:
+    """Everything the output of `stage` depends on: its own inputs and, transitively, its upstream stages'."""
+    if stage == "report":
+        return {}
+    out: dict[str, Any] = {}
+    for up in upstream(cfg, stage):
+        out.update(stage_inputs(cfg, up))
+    out.update(importlib.import_module(f"transformllm_ray.{stage}.stage").inputs(cfg))
+    return dict(sorted(out.items()))
+
+
+def fingerprint_of(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16] if inputs else ""
+
+
+def stage_fingerprint(cfg: Config, stage: str) -> str:
+    return fingerprint_of(stage_inputs(cfg, stage))
 
 
 def stats_uri(cfg: Config, stage: str) -> str:
     return f"{cfg.stage_dir(stage)}/stats.json"
 
 
-def stage_fingerprint(cfg: Config, stage: str) -> str:
-    return cfg.fingerprint(*DEPENDS[stage]) if DEPENDS[stage] else ""
+def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every key that differs (a key missing on one side shows as <unset>)."""
+    def show(d: dict, k: str) -> str:
+        return json.dumps(d[k]) if k in d else "<unset>"
+
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {show(old, k)} -> {show(new, k)}" for k in keys if old.get(k, ...) != new.get(k, ...)]
 
 
-def finished(cfg: Config, stage: str) -> dict | None:
-    """The stats of a finished stage, None if not finished; StageChanged if finished with another config."""
+def records(cfg: Config, stage: str) -> list[str]:
+    """Where a started stage records its inputs: its folder, and for train also the run's checkpoint folder
+    (storage_path/run_name may lie outside output_dir, and train resumes from whatever it finds there)."""
+    out = [f"{cfg.stage_dir(stage)}/{INPUTS_FILE}"]
+    if stage == "train":
+        out.append(f"{_checkpoint_run(cfg)}/{INPUTS_FILE}")
+    return out
+
+
+def _checkpoint_run(cfg: Config) -> str:
+    from transformllm_ray.train.stage import storage_path
+
+    return f"{storage_path(cfg).rstrip('/')}/{cfg.train.run_name}"
+
+
+def recorded(cfg: Config, stage: str) -> tuple[str, dict | None]:
+    """('finished', stats) | ('started', inputs record) | ('new', None)."""
     uri = stats_uri(cfg, stage)
-    if not exists(uri):
-        return None
-    stats = read_json(uri)
-    want = stage_fingerprint(cfg, stage)
-    if want and stats.get("fingerprint") != want:
-        raise StageChanged(
-            f"{stage}: {cfg.stage_dir(stage)} was produced with a different config (fingerprint "
-            f"{stats.get('fingerprint')} != {want}); use another output_dir, or delete that folder to redo it")
-    return stats
+    if exists(uri):
+        return "finished", read_json(uri)
+    for marker in records(cfg, stage):
+        if exists(marker):
+            return "started", read_json(marker)
+    return "new", None
+
+
+def check(cfg: Config, stage: str) -> tuple[str, list[str]]:
+    """(state, changed keys): state is new, started or finished; changed lists `key: old -> new` lines, empty
+    when the recorded inputs are the config's (or nothing is recorded yet)."""
+    if stage == "report":
+        return "new", []
+    state, rec = recorded(cfg, stage)
+    if rec is None:
+        return state, []
+    want = stage_inputs(cfg, stage)
+    if rec.get("fingerprint") == fingerprint_of(want):
+        return state, []
+    old = rec.get("inputs")
+    if old is None:  # recorded by a version that kept no inputs: its fingerprint hashed whole config sections
+        if rec.get("fingerprint") == legacy_fingerprint(cfg, stage):
+            return state, []
+        return state, [f"(inputs not recorded) fingerprint {rec.get('fingerprint')} -> {fingerprint_of(want)}"]
+    return state, changes(old, want)
+
+
+LEGACY_SECTIONS = ("input", "general", "ingest", "split", "convert", "pack", "train", "eval")
+
+
+def legacy_fingerprint(cfg: Config, stage: str) -> str:
+    """The fingerprint stats.json held before stages declared their inputs: a hash of whole config sections
+    (ingest's four, then one more per later stage). Accepted as unchanged, so that outputs made before keep
+    being skipped or resumed."""
+    n = {"ingest": 4, "convert": 5, "pack": 6, "train": 7, "eval": 8}.get(stage)
+    if n is None:
+        return ""
+    data = {s: getattr(cfg, s).model_dump(mode="json") for s in LEGACY_SECTIONS[:n]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def refusal(cfg: Config, stage: str, state: str, changed: list[str]) -> str:
+    shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+    where = cfg.stage_dir(stage) + (f" (checkpoints {_checkpoint_run(cfg)})" if stage == "train" else "")
+    return (f"{stage}: {where} holds a {state} run made from other inputs ({shown}). Rerun with --redo to "
+            f"delete it and redo {stage} (`transformllm run --redo` also redoes the stages after it), restore "
+            "the old values, or use another output_dir" + (" and train.run_name" if stage == "train" else ""))
+
+
+def check_stages(cfg: Config, stages: Iterable[str], redo: bool = False) -> None:
+    """Before Ray starts: refuse (StageChanged) the first stage whose recorded inputs differ, unless redo, and
+    a stage whose upstream (not run in the same command) is stale or unfinished."""
+    stages = list(stages)
+    for s in stages:
+        for up in upstream(cfg, s):
+            if up not in stages:
+                upstream_stats(cfg, up)
+        if not redo:
+            state, changed = check(cfg, s)
+            if changed:
+                raise StageChanged(refusal(cfg, s, state, changed))
+
+
+def clear(cfg: Config, stage: str) -> None:
+    """Delete a stage's output (for --redo); train's checkpoints too, so that it cannot resume from them."""
+    remove_tree(cfg.stage_dir(stage))
+    if stage == "train":  # run_name is validated non-empty and without '/': never the whole storage_path
+        remove_tree(_checkpoint_run(cfg))
+
+
+def upstream_stats(cfg: Config, stage: str) -> dict:
+    """The stats of a stage another one reads: it must be finished, from the inputs the config gives now
+    (else the reader would build on stale output)."""
+    state, changed = check(cfg, stage)
+    if state != "finished":
+        raise StageChanged(f"{stage} has not finished (no {stats_uri(cfg, stage)}): run `transformllm {stage}` "
+                           "first, or `transformllm run`")
+    if changed:
+        raise StageChanged(f"{stage}'s output was made from other inputs ({'; '.join(changed[:8])}): the stages "
+                           f"after it would read stale data. Run `transformllm run --redo` (or `transformllm "
+                           f"{stage} --redo` first), restore the old values, or use another output_dir")
+    return read_json(stats_uri(cfg, stage))
+
+
+def begin(cfg: Config, stage: str) -> None:
+    """Record the inputs of a stage that starts (kept by a resumed run, whose inputs are the same)."""
+    inputs = stage_inputs(cfg, stage)
+    for uri in records(cfg, stage):
+        if not exists(uri):
+            write_json_atomic(uri, {"stage": stage, "fingerprint": fingerprint_of(inputs), "inputs": inputs})
 
 
 def write_stats(cfg: Config, stage: str, stats: dict[str, Any]) -> dict:
@@ -66,7 +213,8 @@ def write_stats(cfg: Config, stage: str, stats: dict[str, Any]) -> dict:
     if stats["rows_in"] != stats["rows_out"] + stats["rows_rejected"]:
         raise AssertionError(f"{stage}: rows_in {stats['rows_in']} != rows_out {stats['rows_out']} + "
                              f"rows_rejected {stats['rows_rejected']}")
-    stats = {"stage": stage, "fingerprint": stage_fingerprint(cfg, stage), **stats}
+    inputs = stage_inputs(cfg, stage)
+    stats = {"stage": stage, "fingerprint": fingerprint_of(inputs), **stats, "inputs": inputs}
     write_json_atomic(stats_uri(cfg, stage), stats)
     return stats
 
@@ -82,13 +230,23 @@ def runner(stage: str) -> Callable[[Config], dict]:
     return getattr(importlib.import_module(mod), fn)
 
 
-def run_stage(cfg: Config, stage: str) -> dict:
-    """Run one stage unless finished; returns its stats."""
+def run_stage(cfg: Config, stage: str, redo: bool = False) -> dict:
+    """Run one stage: skip it if finished with the same inputs, resume it if started with them; refuse other
+    inputs (StageChanged), or with `redo` delete its output and run it afresh. Returns its stats."""
     if stage != "report":
-        done = finished(cfg, stage)
-        if done is not None:
+        for up in upstream(cfg, stage):  # first: a refusal must not follow a --redo's deletion
+            upstream_stats(cfg, up)
+        state, changed = check(cfg, stage)
+        if changed and not redo:
+            raise StageChanged(refusal(cfg, stage, state, changed))
+        if changed:
+            print(f"[{stage}] inputs changed ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}): "
+                  f"--redo deletes the {state} output and redoes it", flush=True)
+            clear(cfg, stage)
+        elif state == "finished":
             print(f"[{stage}] already finished: skipping ({stats_uri(cfg, stage)})", flush=True)
-            return done
+            return read_json(stats_uri(cfg, stage))
+        begin(cfg, stage)
     t0 = time.time()
     stats = runner(stage)(cfg)
     print(summary_line(stats), flush=True)

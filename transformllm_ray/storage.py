@@ -123,6 +123,13 @@ def remove(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def remove_tree(uri: str) -> None:
+    """Delete a folder and everything under it (nothing if it does not exist)."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
 def remove_temporaries(uri: str) -> int:
     """Delete `.tmp-*` leftovers of killed writers in a folder; returns how many."""
     fs, path = filesystem(uri)

@@ -241,7 +241,7 @@ def test_entrypoint_config_fits_the_manifest_cluster():
 
     config, overrides = _entrypoint()
     view = ClusterView.from_kuberay(load(RAYJOB)["spec"]["rayClusterSpec"])
-    for stage, units in stage_asks(load_config(config, overrides)).items():
+    for units in stage_asks(load_config(config, overrides)).values():
         fit(view, units)
 
 

@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.helpers import write_config
 from transformllm_ray.config import load_config
 from transformllm_ray.convert.vllm_engine import PromptBuilder, build_engine, sampling_dict

@@ -37,7 +37,7 @@ def _parts(tmp_path) -> tuple[list[str], list[str]]:
 def test_nth_smallest_id_matches_brute_force(ray_local, tmp_path):
     files, eligible = _parts(tmp_path)
     first_crowded = next(i for i, x in enumerate(eligible) if x.startswith("abcd"))
-    for n in (1, 2, first_crowded + 1, first_crowded + 17, len(eligible) - 1, len(eligible)):
+    for n in (1, first_crowded + 17, len(eligible)):  # first, inside the crowded bin, last
         assert nth_smallest_id(files, n) == eligible[n - 1], n
     with pytest.raises(RuntimeError, match=f"promises {len(eligible) + 1} eligible chunks, the files hold "
                                            f"{len(eligible)}"):

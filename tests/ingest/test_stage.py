@@ -108,7 +108,7 @@ def test_changed_config_on_finished_stage_is_refused(ray_local, tmp_path):
 
     path = write_config(tmp_path, input={"builtin": "licensedcode", "max_files": 10})
     run_stage(load_config(path), "ingest")
-    with pytest.raises(StageChanged, match="different config"):
+    with pytest.raises(StageChanged, match=r"holds a finished run made from other inputs \(ingest.chunk_tokens: 1800 -> 100\)"):
         run_stage(load_config(path, ["ingest.chunk_tokens=100"]), "ingest")
 
 

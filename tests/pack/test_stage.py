@@ -147,9 +147,12 @@ def test_raw_chunks_of_converted_documents_are_superseded(ingested, tmp_path):
 def test_kill_mid_pack_then_rerun_gives_the_same_sequences(ingested, tmp_path):
     """kill -9 the pack job at a random moment (tokenising or packing), rerun: the same sequences as an
     uninterrupted run."""
-    ref_cfg, ref = _pack(ingested, tmp_path, "ref")
+    ref_cfg = load_config(_config(ingested, tmp_path, "ref"))
+    run_stage(ref_cfg, "convert")  # `transformllm pack` packs a finished convert's output (stage.upstream)
+    ref = pack.run(ref_cfg)
     path = _config(ingested, tmp_path, "killed")
     cfg = load_config(path)
+    shutil.copytree(f"{ref_cfg.output_dir}/convert", f"{cfg.output_dir}/convert")  # same inputs, same output
     markers = f"{cfg.output_dir}/pack/_markers"
     # Once the stage has started work (a marker exists), a random extra moment: tokenising or packing.
     start_cli_and_kill(["pack", "--config", path, "ray.num_cpus=2"], lambda: bool(list_files(markers, ".json")),

@@ -35,24 +35,25 @@ def write_packed(cfg, texts: list[str], val_every: int = 10, parts: int = 2) -> 
     from transformers import AutoTokenizer
 
     from transformllm_ray.models.assets import resolve_model
+    from transformllm_ray.pack.windows import cut, join_with_eos, windows_column
     from transformllm_ray.stage import write_stats
     from transformllm_ray.storage import write_parquet_atomic
 
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.pack_tokenizer))
     seq_len = cfg.train.seq_len
-    streams: dict[str, list[int]] = {"train": [], "val": []}
+    lists: dict[str, list[list[int]]] = {"train": [], "val": []}
     for i, text in enumerate(texts):
         split = "val" if i % val_every == 0 else "train"
-        streams[split] += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        lists[split].append(tok(text, add_special_tokens=False)["input_ids"])
     rows = {}
-    for split, ids in streams.items():
-        n = len(ids) // seq_len
-        windows = np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    for split, token_lists in lists.items():
+        windows = cut(join_with_eos(token_lists, tok.eos_token_id)[0], seq_len)  # the pack stage's packer
+        n = len(windows)
         bounds = np.linspace(0, n, parts + 1).astype(int)
         for p in range(parts):
             lo, hi = bounds[p], bounds[p + 1]
-            col = pa.array([w.tolist() for w in windows[lo:hi]], type=pa.list_(pa.int32()))
-            table = pa.table({"input_ids": col, "sequence": pa.array(np.arange(lo, hi), type=pa.int64())})
+            table = pa.table({"input_ids": windows_column(windows[lo:hi]),
+                              "sequence": pa.array(np.arange(lo, hi), type=pa.int64())})
             write_parquet_atomic(table, f"{cfg.stage_dir('pack')}/packed/{split}/part-{p:05d}.parquet")
         rows[split] = n
     write_stats(cfg, "pack", {"rows_in": len(texts), "rows_out": len(texts), "rows_rejected": 0, "seconds": 0.0,

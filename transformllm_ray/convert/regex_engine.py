@@ -26,6 +26,7 @@ from typing import Any
 
 from transformllm_ray.convert.format import training_text
 from transformllm_ray.convert.prompts import PromptDB, chunk_rng, load_prompts
+from transformllm_ray.dataops import BatchUDF
 
 KINDS = ("summary_title", "word_to_text", "inference", "cause_effect", "completion")
 _SENT_END = re.compile(r"(?<=[.!?;])\s+(?=[\"'(]?[A-Z0-9])|\n{2,}")
@@ -146,7 +147,7 @@ def select_tasks(chunk_id: str, found: dict[str, list[dict]], n: int, seed: int)
     return out
 
 
-class RegexConverter:
+class RegexConverter(BatchUDF):
     """Ray Data stage (engine: regex): chunk rows in, one result row per chunk out (status ok or no_tasks).
 
     Input columns: id, doc_id, split, text, position, metadata. Output columns: RESULT_COLUMNS of convert.stage.
@@ -181,11 +182,7 @@ class RegexConverter:
             "gen_seconds": time.perf_counter() - t0,
         }
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        missing = [c for c in self.input_columns if c not in batch]
-        if missing:
-            raise KeyError(f"RegexConverter needs columns {missing}")
+    def map(self, batch: dict[str, Any]) -> dict[str, list]:
         n = len(batch["id"])
         rows = [self.convert({c: batch[c][i] for c in self.input_columns}) for i in range(n)]
-        assert len(rows) == n, "one output row per input row"
         return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}

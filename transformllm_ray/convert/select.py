@@ -3,7 +3,7 @@
     sel = selection(cfg)                       # counts from ingest's stats, one scalar threshold
     ds = chunks_ds(sel)                        # Ray Data: the selected chunk rows, read by workers
     ds = anti_join(ds, ledger.done_ids_ds())   # resume: the rows whose id is not committed yet
-    check_exactly_once(sel, ledger)            # every selected id in exactly one output row, or an error
+    check_exactly_once(sel, converted_files, reject_files, out_dir)   # every selected id in exactly one output row, or an error
 
 The selection is the domain chunks of `ingest/chunks/` whose document is not held out (ingest's `split`
 column), in id order, the first `convert.max_chunks`. "The first N in id order" is kept as one scalar, the
@@ -18,7 +18,6 @@ Resume and reconciliation are Ray Data group-bys over narrow rows (ids and a sid
 from __future__ import annotations
 
 import dataclasses
-import os
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -151,7 +150,7 @@ def _ids_of(uri: str, column: str, side: int) -> pa.Table:
     return pa.table({"id": t[column], "side": pa.array([side] * t.num_rows, pa.int64())})
 
 
-def check_exactly_once(sel: Selection, out_files: dict[str, list[str]]) -> None:
+def check_exactly_once(sel: Selection, converted: list[str], rejects: list[str], out_dir: str) -> None:
     """Every selected id in exactly one output row (converted/ `id` or rejects/ `ref`), and no other id.
 
     One group-by over narrow (id, side) rows: selected ids carry side 1, output ids side 2; an id is in
@@ -160,8 +159,8 @@ def check_exactly_once(sel: Selection, out_files: dict[str, list[str]]) -> None:
     import ray
 
     parts = [map_files(sel.files, _selected_ids, {"threshold": sel.threshold})]
-    parts += [map_files(out_files["converted"], _ids_of, {"column": "id", "side": 2})]
-    parts += [map_files(out_files["rejects"], _ids_of, {"column": "ref", "side": 2})]
+    parts += [map_files(converted, _ids_of, {"column": "id", "side": 2})]
+    parts += [map_files(rejects, _ids_of, {"column": "ref", "side": 2})]
     parts = [p for p in parts if p is not None]
     with hash_shuffle():
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -173,7 +172,7 @@ def check_exactly_once(sel: Selection, out_files: dict[str, list[str]]) -> None:
         ex = [(r["id"], _describe(int(r["n"]), int(r["s"]))) for r in bad.take(3)]
         raise RuntimeError(f"convert: output does not hold each selected chunk exactly once: {n_bad} ids out of "
                            f"order (e.g. {ex}); rerun convert to redo missing ones, or delete "
-                           f"{os.path.dirname(out_files['dir'])} if it holds another run's work")
+                           f"{out_dir} if it holds another run's work")
 
 
 def _selected_ids(uri: str, threshold: str | None) -> pa.Table:

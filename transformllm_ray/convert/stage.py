@@ -41,11 +41,34 @@ from transformllm_ray.convert.select import (
 )
 from transformllm_ray.dataops import BatchUDF, map_files
 from transformllm_ray.schema import make_reject
-from transformllm_ray.stage import stage_fingerprint, write_stats
+from transformllm_ray.stage import legacy_fingerprint, stage_fingerprint, write_stats
 from transformllm_ray.storage import read_parquet
 
 log = logging.getLogger("transformllm")
 STAGE = "convert"
+
+
+def inputs(cfg: Config) -> dict:
+    """What convert's output depends on (stage.py): the selection, the prompts, the seed and, for the vLLM
+    engine, the model, decoding, quality gate and the engine settings that change outputs (not its size:
+    engines, batch sizes, CPUs, restarts; nor rows_per_file, which only groups commits)."""
+    from transformllm_ray.models.assets import model_key
+    from transformllm_ray.stage import section
+
+    c = cfg.convert
+    out = {"seed": cfg.seed, **section(c, "convert", exclude=[
+        "model", "model_revision", "sampling", "retry_sampling", "quality", "vllm", "rows_per_file",
+        "retry_rejected"])}
+    if c.engine == "regex":  # one deterministic regex pass: no model, decoding, gate or retry
+        return out
+    out.update({"convert.model": model_key(c.model, c.model_revision), "convert.retry_rejected": c.retry_rejected,
+                **section(c.sampling, "convert.sampling"), **section(c.quality, "convert.quality"),
+                **section(c.vllm, "convert.vllm", exclude=[
+                    "num_engines", "batch_size", "gpu_memory_utilization", "cpu_kvcache_gib", "cpus_per_engine",
+                    "max_restarts", "max_concurrent_batches", "enforce_eager", "env"])})
+    if c.retry_rejected:
+        out.update(section(c.retry_sampling, "convert.retry_sampling"))
+    return out
 EXCERPT = 200
 DONE_MEMORY = 65536
 """(chunk, attempt) pairs the assembler remembers as finished, to ignore task rows that a retried engine
@@ -78,9 +101,9 @@ class ChunkAssembler:
         self.open: dict[str, dict[int, dict]] = {}
         self.meta: dict[str, dict] = {}
         self.done: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
-        self.tokens = collections.Counter()
+        self.tokens: collections.Counter[str] = collections.Counter()
 
-    def add(self, row: dict[str, Any]) -> tuple[str, dict] | None:
+    def add(self, row: dict[str, Any]) -> tuple[str, dict, dict] | None:
         cid, attempt = str(row["chunk_id"]), int(row["attempt"])
         if (cid, attempt) in self.done:
             return None
@@ -105,7 +128,8 @@ class ChunkAssembler:
         new = [tasks[i] for i in sorted(self.open.pop(cid))]
         spent = {"input_tokens": sum(t["input_tokens"] for t in new),
                  "output_tokens": sum(t["output_tokens"] for t in new)}
-        return (*self.classify(cid, meta, new, attempt), spent)
+        kind, out = self.classify(cid, meta, new, attempt)
+        return kind, out, spent
 
     def incomplete(self) -> int:
         return len(self.open)
@@ -149,10 +173,10 @@ class Committer:
     def __init__(self, ledger: Ledger, rows_per_file: int, attempt: int):
         self.ledger, self.n, self.attempt = ledger, rows_per_file, attempt
         self.buf: dict[str, list[dict]] = {"converted": [], "reject": [], "pending": []}
-        self.tokens = collections.Counter()
+        self.tokens: collections.Counter[str] = collections.Counter()
         self.t_last: float | None = None  # set at the pass's first output: start-up is not per-row time
         self.commits = 0
-        self.counts = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()
 
     def start(self) -> None:
         if self.t_last is None:
@@ -172,13 +196,14 @@ class Committer:
         if not rows:
             return
         now = time.time()
+        start = now if self.t_last is None else self.t_last
         # Amortised wall time per chunk: time since the previous commit (the first: since the pass's first
         # output), shared by this commit's rows. Their sum over a pass is the pass's time after start-up.
-        per_row = (now - self.t_last) / rows
+        per_row = (now - start) / rows
         for r in self.buf["converted"]:
             r["seconds"] = round(per_row, 4)
         self.ledger.commit(self.buf["converted"], self.buf["reject"], self.buf["pending"],
-                           {"attempt": self.attempt, "seconds": round(now - self.t_last, 3),
+                           {"attempt": self.attempt, "seconds": round(now - start, 3),
                             "input_tokens": self.tokens["input_tokens"], "output_tokens": self.tokens["output_tokens"]})
         self.commits += 1
         print(f"[convert] pass {self.attempt}: committed {rows} chunks (ok {len(self.buf['converted'])}, "
@@ -304,7 +329,7 @@ def regex_pass(cfg: Config, ds, ledger: Ledger, db: PromptDB) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- run
-def _output_counts(uri: str, kind: str) -> "pa.Table":
+def _output_counts(uri: str, kind: str):
     """One committed part's counts: converted -> (rows, output tokens, ok after retry); rejects -> per reason."""
     import pyarrow as pa
 
@@ -323,7 +348,7 @@ def reconcile(ledger: Ledger, sel: Selection) -> dict[str, Any]:
     """Counts read back from the committed files by workers; fails unless every selected id is in exactly one
     row (select.check_exactly_once)."""
     conv, rej = ledger.part_files("converted"), ledger.part_files("rejects")
-    check_exactly_once(sel, {"converted": conv, "rejects": rej, "dir": ledger.out + "/"})
+    check_exactly_once(sel, conv, rej, ledger.out)
     ok = out_tokens = retried = 0
     reasons: collections.Counter = collections.Counter()
     for kind, files in (("converted", conv), ("rejects", rej)):
@@ -344,7 +369,7 @@ def run(cfg: Config) -> dict:
     c = cfg.convert
     db = load_prompts(c.domain, c.prompt_version)
     sample_families("check", c.tasks_per_chunk, db.family_names)  # fails early if tasks_per_chunk > families
-    ledger = Ledger(cfg.stage_dir(STAGE), stage_fingerprint(cfg, STAGE))
+    ledger = Ledger(cfg.stage_dir(STAGE), stage_fingerprint(cfg, STAGE), (legacy_fingerprint(cfg, STAGE),))
     removed = ledger.recover()
     sel = selection(cfg)
     done, pending = ledger.counts()

@@ -37,9 +37,11 @@ import hashlib
 import json
 from typing import Any
 
-from transformllm_ray.config import Config, QualityConfig, SamplingConfig
+from transformllm_ray.config import Config
+from transformllm_ray.convert.config import QualityConfig, SamplingConfig
 from transformllm_ray.convert.prompts import load_prompts, sample_families
 from transformllm_ray.convert.quality import check_output
+from transformllm_ray.dataops import BatchUDF
 
 TASK_COLUMNS = ("chunk_id", "doc_id", "split", "chunk_text", "n_tasks", "task_index", "family", "words", "attempt",
                 "sampling", "max_tokens", "prev")
@@ -97,7 +99,7 @@ def expand_tasks(batch: dict[str, Any], *, domain: str, version: str, tasks_per_
 
 
 # ------------------------------------------------------------------------------------------- 2. prompts
-class PromptBuilder:
+class PromptBuilder(BatchUDF):
     """Ray Data stage: task row in, the same row plus `tokenized_prompt`, `sampling_params`, `eos_ids`,
     `prompt_truncated` out. Loads the model's tokenizer (chat template) once per actor.
 
@@ -141,10 +143,7 @@ class PromptBuilder:
             keep -= len(ids) - budget + 8
         return ids[-budget:], True
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        missing = [c for c in self.input_columns if c not in batch]
-        if missing:
-            raise KeyError(f"PromptBuilder needs columns {missing}")
+    def map(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = len(batch["chunk_id"])
         prompts, params, truncated = [], [], []
         for i in range(n):
@@ -162,7 +161,6 @@ class PromptBuilder:
         out = {k: list(v) for k, v in batch.items()}
         out.update(tokenized_prompt=prompts, sampling_params=params, prompt_truncated=truncated,
                    eos_ids=[self.eos_ids] * n)
-        assert len(out["tokenized_prompt"]) == n, "one output row per input row"
         return out
 
 

@@ -26,6 +26,16 @@ from transformllm_ray.stage import write_stats
 from transformllm_ray.storage import list_files, read_parquet, write_json_atomic
 
 STAGE = "eval"
+
+
+def inputs(cfg: Config) -> dict:
+    """What eval's numbers depend on (stage.py): the sets' size, the window (seq_len), the tokenizer, the
+    base model it scores before training, the lm-eval tasks; not its batch size."""
+    from transformllm_ray.models.assets import model_key
+    from transformllm_ray.stage import section
+
+    return {**section(cfg.eval, "eval", exclude=["batch_size"]), "train.seq_len": cfg.train.seq_len,
+            "pack.tokenizer": model_key(cfg.pack_tokenizer), "train.base_model": model_key(cfg.train.base_model)}
 SETS = {"heldout_legal": "domain", "general": "general"}
 """Eval set -> the `kind` of its held-out ingest chunks."""
 
@@ -41,30 +51,27 @@ def heldout_texts(cfg: Config, kind: str):
 
 
 def eval_windows(cfg: Config, kind: str) -> tuple[list[list[int]], int, int]:
-    """(windows of seq_len token ids, texts read, texts used) for one eval set."""
+    """(windows of seq_len token ids, texts read, texts used) for one eval set: held-out texts in id order,
+    tokenised until they fill `eval.max_sequences` windows, packed as pack packs (pack/windows.py)."""
     from transformllm_ray.models.assets import load_tokenizer
+    from transformllm_ray.pack.windows import cut, join_with_eos
 
-    texts = heldout_texts(cfg, kind)
-    n_read = 0
     tok = load_tokenizer(cfg.pack_tokenizer)
     seq, limit = cfg.train.seq_len, cfg.eval.max_sequences
-    windows: list[list[int]] = []
-    buf: list[int] = []
-    used = 0
-    for text in texts:
-        if len(windows) >= limit:
+    lists: list[list[int]] = []
+    n_read = have = 0
+    for text in heldout_texts(cfg, kind):
+        if have >= limit * seq:
             break
         n_read += 1
-        if not text.strip():
-            continue
-        used += 1
-        buf.extend(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-        while len(buf) >= seq and len(windows) < limit:
-            windows.append(buf[:seq])
-            buf = buf[seq:]
-    if not windows and buf:
-        windows.append(buf)  # a set shorter than one window is still scored
-    return windows, n_read, used
+        if text.strip():
+            lists.append(tok(text, add_special_tokens=False)["input_ids"])
+            have += len(lists[-1]) + 1
+    buf, _ = join_with_eos(lists, tok.eos_token_id)
+    windows = cut(buf, seq)[:limit].tolist()
+    if not windows and len(buf):
+        windows = [buf.tolist()]  # a set shorter than one window is still scored
+    return windows, n_read, len(lists)
 
 
 def score(model_path: str, windows: list[list[int]], batch_size: int) -> dict:
@@ -122,7 +129,7 @@ def run(cfg: Config) -> dict:
     results: dict = {s: {} for s in SETS}
     for (s, m), f in futures.items():
         results[s][m] = ray.get(f)
-    for s, r in results.items():
+    for r in results.values():
         if "base" in r and "trained" in r:
             r["ppl_change_pct"] = round(100 * (r["trained"]["ppl"] / r["base"]["ppl"] - 1), 2)
     if cfg.eval.lm_eval_tasks:

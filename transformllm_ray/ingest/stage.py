@@ -57,6 +57,17 @@ from transformllm_ray.text import content_id, normalize
 
 log = logging.getLogger("transformllm")
 STAGE = "ingest"
+
+
+def inputs(cfg: Config) -> dict:
+    """What ingest's output depends on (stage.py): both sources, cleaning, chunking (with the tokenizer it
+    resolves), the shard plan (unit ids, and so resume, depend on shard_bytes) and the split assignment."""
+    from transformllm_ray.models.assets import model_key
+    from transformllm_ray.stage import section
+
+    return {**section(cfg.input, "input", exclude=["expected_tokens"]), **section(cfg.general, "general"),
+            **section(cfg.ingest, "ingest", exclude=["tokenizer", "num_actors", "cpus_per_actor"]),
+            "ingest.tokenizer": model_key(cfg.ingest_tokenizer), **section(cfg.split, "split")}
 KINDS = ("domain", "general")
 MIN_PIECE_BYTES = 4096
 """Smallest byte range a file is cut into, whatever ingest.shard_bytes says: below a few KB a piece costs more
@@ -113,9 +124,9 @@ def split_file(f: WorkFile, shard_bytes: int) -> list[tuple[WorkFile, int]]:
         return [(f, f.size)]
     # In file bytes, like every other piece: the footer and page headers spread over the row groups.
     scale = f.size / max(sum(groups), 1)
-    groups = [g * scale for g in groups]
+    sizes = [g * scale for g in groups]
     pieces, lo, size = [], 0, 0.0
-    for i, g in enumerate(groups):
+    for i, g in enumerate(sizes):
         if i > lo and size + g > shard_bytes:  # close the run before it would overshoot
             pieces.append((dataclasses.replace(f, lo=lo, hi=i), round(size)))
             lo, size = i, 0.0
@@ -128,7 +139,9 @@ def plan_shards(files: list[WorkFile], shard_bytes: int) -> list[dict]:
     """Work shards of at most shard_bytes (or one larger piece): consecutive small files grouped, large files
     cut (split_file).
     id = hash of the member pieces (reference, size, kind, range)."""
-    shards, cur, size = [], [], 0
+    shards: list[list[WorkFile]] = []
+    cur: list[WorkFile] = []
+    size = 0
     for f in files:
         for piece, n in split_file(f, shard_bytes):
             if cur and size + n > shard_bytes:  # a shard stays within shard_bytes unless one piece is larger
@@ -151,7 +164,7 @@ class ShardProcessor(UnitWorker):
     """Ray Data stage: one work shard in (unit_id, files: JSON list of WorkFile pieces), one row of counts
     out; the shard's records go to its part files. __init__ loads the tokenizer once per actor."""
 
-    input_columns = ("unit_id", "files")
+    input_columns: tuple[str, ...] = ("unit_id", "files")
 
     def __init__(self, marker_dir: str, cfg_json: str):
         from transformllm_ray.config import config_from_dict

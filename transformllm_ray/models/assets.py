@@ -122,6 +122,23 @@ def model_revision(name: str, revision: str | None = None) -> str:
     return "main"
 
 
+def model_key(name: str, revision: str | None = None) -> str:
+    """A model as a stage's fingerprint sees it, without building or downloading anything: the name, plus the
+    revision if given, plus a hash of the names, sizes and modification times of a local folder's files (a
+    model saved again to the same path changes it; so does a copy that resets the times). A hub name without
+    a revision is its name: the hub's `main` may move under it (pin `convert.model_revision`)."""
+    if revision:
+        return f"{name}@{revision}"
+    if not name.startswith(BUILTIN_PREFIX) and os.path.isdir(name):
+        h = hashlib.sha256()
+        for fn in sorted(os.listdir(name)):
+            if fn.endswith((".json", ".safetensors", ".jinja", ".model", ".txt")):
+                st = os.stat(os.path.join(name, fn))
+                h.update(f"{fn}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return f"{name}@files-{h.hexdigest()[:12]}"
+    return name
+
+
 def load_tokenizer(name: str):
     """A transformers tokenizer (chat templates, special tokens): for converting, packing, training."""
     from transformers import AutoTokenizer

@@ -23,7 +23,8 @@ B. Mix budget (narrow rows). Per split, the general budget is mix_ratio x domain
 C. Pack (a hash-shuffle group-by on (split, bucket)). bucket = key x n_buckets >> 60, n_buckets =
    ceil(split tokens / pack.bucket_tokens). Each group is sorted by (key, id); raw rows of documents that have
    converted rows are dropped (`raw_superseded`); texts are joined with EOS and cut into `train.seq_len`
-   windows; the bucket's last partial window is dropped as waste. The worker writes
+   windows (pack/windows.py, the packer eval and the tests use too); the bucket's last partial window is
+   dropped as waste. The worker writes
    `packed/<split>/part-<bucket>.parquet` then its marker; a rerun skips marked buckets.
 
 Waste bound: at most seq_len - 1 tokens per bucket, i.e. < n_buckets x seq_len tokens in all (at the presets'
@@ -50,7 +51,8 @@ import pyarrow.compute as pc
 
 from transformllm_ray.config import Config
 from transformllm_ray.dataops import UnitWorker, map_files, run_units, shuffle_partitions, hash_shuffle
-from transformllm_ray.splits import SPLITS, assign_split
+from transformllm_ray.pack.windows import cut, join_with_eos, windows_column
+from transformllm_ray.splits import SPLITS
 from transformllm_ray.stage import write_stats
 from transformllm_ray.storage import (
     exists, expand_inputs, list_files, makedirs, read_json, read_parquet, remove, remove_temporaries,
@@ -60,6 +62,16 @@ from transformllm_ray.text import content_id
 
 log = logging.getLogger("transformllm")
 STAGE = "pack"
+
+
+def inputs(cfg: Config) -> dict:
+    """What pack's output depends on (stage.py): the tokenizer it resolves, seq_len, the mix, the bucket
+    layout and the seed (document order); not its actors."""
+    from transformllm_ray.models.assets import model_key
+    from transformllm_ray.stage import section
+
+    return {**section(cfg.pack, "pack", exclude=["tokenizer", "num_actors", "cpus_per_actor"]),
+            "pack.tokenizer": model_key(cfg.pack_tokenizer), "train.seq_len": cfg.train.seq_len, "seed": cfg.seed}
 KEY_BITS = 60
 TRAIN_SPLITS = ("train", "val")
 TOKEN_SCHEMA = pa.schema([("kind", pa.string()), ("split", pa.string()), ("id", pa.string()),
@@ -287,19 +299,19 @@ def _bucketed(uri: str, plan: dict) -> pa.Table:
         thr = p["threshold"]
         if thr is not None and s.num_rows:
             keys, ids, kinds = s["key"].to_pylist(), s["id"].to_pylist(), s["kind"].to_pylist()
-            keep, cut = [], []
+            keep, crossing = [], []
             for k, i, kind in zip(keys, ids, kinds):
                 after = kind == "general" and (k, i) > (thr["key"], thr["id"])
                 keep.append(not after)
-                cut.append(kind == "general" and thr["room"] is not None and (k, i) == (thr["key"], thr["id"]))
-            if any(cut):
-                j = cut.index(True)
-                ids_j = s["input_ids"][j].values.slice(0, thr["room"])
-                arr = s["input_ids"].to_pylist()
-                arr[j] = ids_j.to_pylist()
-                s = s.set_column(s.schema.get_field_index("input_ids"), "input_ids", pa.array(arr, pa.list_(pa.int32())))
-                s = s.set_column(s.schema.get_field_index("n_tokens"), "n_tokens",
-                                 pa.array([len(x) for x in arr], pa.int64()))
+                crossing.append(kind == "general" and thr["room"] is not None and (k, i) == (thr["key"], thr["id"]))
+            if any(crossing):  # the crossing row, cut to the budget's remainder; the other rows stay in Arrow
+                j = crossing.index(True)
+                row = s.slice(j, 1)
+                ids_j = pa.array([s["input_ids"][j].values.slice(0, thr["room"]).to_pylist()], pa.list_(pa.int32()))
+                row = row.set_column(row.schema.get_field_index("input_ids"), "input_ids", ids_j)
+                row = row.set_column(row.schema.get_field_index("n_tokens"), "n_tokens",
+                                     pa.array([len(ids_j[0])], pa.int64()))
+                s = pa.concat_tables([s.slice(0, j), row, s.slice(j + 1)])
             s = s.filter(pa.array(keep, pa.bool_()))
         n = p["buckets"]
         buckets = [(k * n) >> KEY_BITS for k in s["key"].to_pylist()]
@@ -324,18 +336,12 @@ def pack_group(group: pa.Table, out_dir: str, seq_len: int, eos_id: int) -> pa.T
     superseded = pc.and_(pc.equal(g["kind"], "raw"), pc.is_in(g["doc_id"], value_set=pa.array(sorted(converted), pa.string())))
     n_superseded = int(pc.sum(superseded).as_py() or 0)
     g = g.filter(pc.invert(superseded))
-    lens = np.asarray(g["n_tokens"].to_numpy(), dtype=np.int64) + 1
-    flat = np.asarray(pc.list_flatten(g["input_ids"]).to_numpy(zero_copy_only=False), dtype=np.int32)
-    total = int(lens.sum())
-    buf = np.full(total, eos_id, dtype=np.int32)
-    ends = np.cumsum(lens)
+    buf, ends = join_with_eos(g["input_ids"], eos_id)
+    lens = np.diff(ends, prepend=0)
     starts = ends - lens
-    # Scatter each text's tokens before its EOS slot.
-    mask = np.ones(total, dtype=bool)
-    mask[ends - 1] = False
-    buf[mask] = flat
-    n_seq = total // seq_len
-    windows = buf[: n_seq * seq_len].reshape(n_seq, seq_len)
+    total = len(buf)
+    windows = cut(buf, seq_len)
+    n_seq = len(windows)
     docs = g["doc_id"].to_pylist()
     doc_ids, j = [], 0
     for s in range(n_seq):
@@ -347,8 +353,7 @@ def pack_group(group: pa.Table, out_dir: str, seq_len: int, eos_id: int) -> pa.T
             owners.append(docs[k])
             k += 1
         doc_ids.append(sorted(set(owners)))
-    table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), seq_len)
-                      .cast(pa.list_(pa.int32())) if n_seq else pa.array([], pa.list_(pa.int32())),
+    table = pa.table({"input_ids": windows_column(windows),
                       "sequence": pa.array([(bucket << 32) | i for i in range(n_seq)], pa.int64()),
                       "doc_ids": pa.array(doc_ids, pa.list_(pa.string()))}, schema=PACKED_SCHEMA)
     write_parquet_atomic(table, f"{out_dir}/packed/{split}/part-{bucket:05d}.parquet")

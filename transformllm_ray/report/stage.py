@@ -180,7 +180,7 @@ def _fmt(v) -> str:
 
 def render_markdown(cfg: Config, data: dict, images: dict[str, str | None]) -> str:
     st = data["stats"]
-    lines = [f"# TransformLLM-Ray run report", "", f"- output_dir: `{cfg.output_dir}`",
+    lines = ["# TransformLLM-Ray run report", "", f"- output_dir: `{cfg.output_dir}`",
              f"- written: {time.strftime('%Y-%m-%d %H:%M:%S')}", ""]
     lines += ["## Stages", "", "| stage | rows in | rows out | rows rejected | wall time (s) |", "|---|---:|---:|---:|---:|"]
     for s in STAGES:

@@ -102,7 +102,7 @@ def list_checkpoints(storage_path: str, run_name: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def checkpoint_from(resume: str) -> Optional[object]:
+def checkpoint_from(resume: str) -> Optional[Any]:
     """A Ray Checkpoint for `train.resume` = a checkpoint folder or URI; None for auto/never."""
     if resume in ("auto", "never"):
         return None

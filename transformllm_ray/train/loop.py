@@ -26,7 +26,6 @@ which processes ran the current attempt, for operators (and for the test that ki
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -178,7 +177,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_loss = None
     model.train()
     t_prev = time.perf_counter()
-    for step, group in plan.steps(shard, step, tc.max_steps):
+    for step, group in plan.steps(shard, step, tc.max_steps):  # noqa: B020 - resumes from the restored step
         lr = sched.get_last_lr()[0]
         loss_sum = torch.zeros((), device=device)
         for i, ids in enumerate(group):

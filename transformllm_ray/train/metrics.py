@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional, cast
 
 from transformllm_ray.config import Config, TrainConfig
 
@@ -87,13 +87,17 @@ def mfu(params: int, tokens_per_s: float, world: int, peak: Optional[float]) -> 
     return 6.0 * params * tokens_per_s / (world * peak)
 
 
-def wandb_mode(cfg: Config, environ: Optional[dict] = None) -> str:
+WandbMode = Literal["online", "offline", "disabled"]
+
+
+def wandb_mode(cfg: Config, environ: Optional[dict] = None) -> WandbMode:
     env = os.environ if environ is None else environ
     mode = cfg.train.wandb.mode
     if mode == "auto":
         # W&B's own switch wins when the user set it (WANDB_MODE=offline with a key in the env: offline).
-        if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
-            return env["WANDB_MODE"]
+        user = env.get("WANDB_MODE")
+        if user in ("online", "offline", "disabled"):
+            return cast(WandbMode, user)
         return "online" if env.get("WANDB_API_KEY") else "offline"
     return mode
 
@@ -147,9 +151,9 @@ class MetricsLogger:
 
     def flush(self) -> None:
         if self.remote:
-            from transformllm_ray.storage import _atomic_put
+            from transformllm_ray.storage import write_bytes_atomic
 
-            _atomic_put(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+            write_bytes_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
 
     def close(self) -> None:
         self.flush()

@@ -20,7 +20,8 @@ from transformllm_ray.config import TrainConfig
 def build_optimizer(model, tc: TrainConfig):
     import torch
 
-    decay, no_decay = [], []
+    decay: list = []
+    no_decay: list = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)

@@ -37,11 +37,24 @@ import os
 import time
 
 from transformllm_ray.config import Config, join_uri
-from transformllm_ray.stage import finished, stage_fingerprint, write_stats
+from transformllm_ray.stage import stage_fingerprint, upstream_stats, write_stats
 from transformllm_ray.storage import is_remote, list_files, read_json
 
 log = logging.getLogger("transformllm")
 STAGE = "train"
+
+
+def inputs(cfg: Config) -> dict:
+    """What the trained model and its metrics depend on (stage.py): the initial weights, the optimisation
+    (the global batch includes num_workers), precision, evaluation cadence, the seed. Not where checkpoints
+    go or how often, resume, failures, CPUs, the run name or W&B: they change no weight."""
+    from transformllm_ray.models.assets import model_key
+    from transformllm_ray.stage import section
+
+    return {**section(cfg.train, "train", exclude=[
+        "base_model", "resume", "run_name", "storage_path", "cpus_per_worker", "checkpoint_every",
+        "keep_checkpoints", "max_failures", "wandb"]),
+        "train.base_model": model_key(cfg.train.base_model), "seed": cfg.seed}
 
 
 def storage_path(cfg: Config) -> str:
@@ -199,10 +212,7 @@ def run(cfg: Config) -> dict:
 
     t0 = time.time()
     tc = cfg.train
-    pack_stats = finished(cfg, "pack")
-    if pack_stats is None:
-        raise FileNotFoundError(f"train: the pack stage has not finished (no {cfg.stage_dir('pack')}/stats.json);"
-                                " run `transformllm pack` first")
+    pack_stats = upstream_stats(cfg, "pack")
     train_files, val_files = packed_files(cfg, "train"), packed_files(cfg, "val")
     if not train_files:
         raise FileNotFoundError(f"train: no packed sequences under {cfg.stage_dir('pack')}/packed/train")

