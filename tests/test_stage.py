@@ -244,17 +244,18 @@ def test_train_checkpoints_outside_output_dir_carry_their_inputs(tmp_path):
     assert not (ck / "r1").exists() and (ck / "r2" / "_inputs.json").exists()
 
 
-def test_outputs_recorded_before_inputs_were_declared_are_accepted(tmp_path):
-    """stats.json of the previous version (a hash of whole config sections, no `inputs`): still finished."""
+def test_outputs_recorded_before_inputs_were_declared_are_refused(tmp_path):
+    """stats.json of the previous version (a hash of whole config sections, no `inputs`) cannot vouch for the
+    values a stage reads from other sections (pack: train.seq_len): refused, --redo named."""
     import json
 
     from transformllm_ray.config import load_config
-    from transformllm_ray.stage import check, legacy_fingerprint
+    from transformllm_ray.stage import StageChanged, check, refusal
 
     cfg = load_config(write_config(tmp_path))
-    os.makedirs(cfg.stage_dir("ingest"))
-    with open(f"{cfg.stage_dir('ingest')}/stats.json", "w") as f:
-        json.dump({"stage": "ingest", "fingerprint": legacy_fingerprint(cfg, "ingest")}, f)
-    assert check(cfg, "ingest") == ("finished", [])
-    changed = load_config(write_config(tmp_path, ingest={"chunk_tokens": 100}))
-    assert check(changed, "ingest")[1][0].startswith("(inputs not recorded)")
+    os.makedirs(cfg.stage_dir("pack"))
+    with open(f"{cfg.stage_dir('pack')}/stats.json", "w") as f:
+        json.dump({"stage": "pack", "fingerprint": "15682e29e2dd0dc6"}, f)
+    state, changed = check(cfg, "pack")
+    assert state == "finished" and changed[0].startswith("(inputs not recorded")
+    assert "--redo" in refusal(cfg, "pack", state, changed) and StageChanged

@@ -133,25 +133,10 @@ def check(cfg: Config, stage: str) -> tuple[str, list[str]]:
     if rec.get("fingerprint") == fingerprint_of(want):
         return state, []
     old = rec.get("inputs")
-    if old is None:  # recorded by a version that kept no inputs: its fingerprint hashed whole config sections
-        if rec.get("fingerprint") == legacy_fingerprint(cfg, stage):
-            return state, []
-        return state, [f"(inputs not recorded) fingerprint {rec.get('fingerprint')} -> {fingerprint_of(want)}"]
+    if old is None:  # recorded by a version that hashed whole config sections: it cannot show which values
+        # the stage read from other sections (train.seq_len for pack, seed for convert...), so it cannot vouch
+        return state, [f"(inputs not recorded by the version that made it) fingerprint {rec.get('fingerprint')}"]
     return state, changes(old, want)
-
-
-LEGACY_SECTIONS = ("input", "general", "ingest", "split", "convert", "pack", "train", "eval")
-
-
-def legacy_fingerprint(cfg: Config, stage: str) -> str:
-    """The fingerprint stats.json held before stages declared their inputs: a hash of whole config sections
-    (ingest's four, then one more per later stage). Accepted as unchanged, so that outputs made before keep
-    being skipped or resumed."""
-    n = {"ingest": 4, "convert": 5, "pack": 6, "train": 7, "eval": 8}.get(stage)
-    if n is None:
-        return ""
-    data = {s: getattr(cfg, s).model_dump(mode="json") for s in LEGACY_SECTIONS[:n]}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def refusal(cfg: Config, stage: str, state: str, changed: list[str]) -> str:

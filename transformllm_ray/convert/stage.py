@@ -41,7 +41,7 @@ from transformllm_ray.convert.select import (
 )
 from transformllm_ray.dataops import BatchUDF, map_files
 from transformllm_ray.schema import make_reject
-from transformllm_ray.stage import legacy_fingerprint, stage_fingerprint, write_stats
+from transformllm_ray.stage import stage_fingerprint, write_stats
 from transformllm_ray.storage import read_parquet
 
 log = logging.getLogger("transformllm")
@@ -369,7 +369,7 @@ def run(cfg: Config) -> dict:
     c = cfg.convert
     db = load_prompts(c.domain, c.prompt_version)
     sample_families("check", c.tasks_per_chunk, db.family_names)  # fails early if tasks_per_chunk > families
-    ledger = Ledger(cfg.stage_dir(STAGE), stage_fingerprint(cfg, STAGE), (legacy_fingerprint(cfg, STAGE),))
+    ledger = Ledger(cfg.stage_dir(STAGE), stage_fingerprint(cfg, STAGE))
     removed = ledger.recover()
     sel = selection(cfg)
     done, pending = ledger.counts()
