@@ -48,10 +48,9 @@ def commit_key(ids: list[str], attempt: int) -> str:
 
 
 class Ledger:
-    def __init__(self, out_dir: str, fingerprint: str, accepted: tuple[str, ...] = ()):
+    def __init__(self, out_dir: str, fingerprint: str):
         self.out = out_dir
         self.fingerprint = fingerprint
-        self.accepted = {fingerprint, *accepted}  # also: the same inputs as an older version hashed them
         self.marker_dir = f"{out_dir}/_commits"
 
     def _part(self, sub: str, key: str) -> str:
@@ -68,7 +67,7 @@ class Ledger:
             remove_temporaries(d)
         keys = set()
         for m in self.markers():
-            if m.get("fingerprint") not in self.accepted:
+            if m.get("fingerprint") != self.fingerprint:
                 raise StageChanged(
                     f"convert: {self.out} holds work of a different config (fingerprint {m.get('fingerprint')} "
                     f"!= {self.fingerprint}); rerun with --redo to delete it and redo convert, or use another "
