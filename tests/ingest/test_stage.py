@@ -146,6 +146,9 @@ def test_resume_after_kill_finishes_without_duplicates(ray_local, tmp_path):
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resuming: {n_done}/{n_shards} units already done" in rerun.stdout
+    # A quiet console: the stage's lines only; Ray's and the workers' output is in the log (console.py).
+    assert len(rerun.stdout.splitlines()) <= 5 and not rerun.stderr.strip(), rerun.stdout + rerun.stderr
+    assert "Started a local Ray instance" in open(f"{cfg.output_dir}/logs/driver.log").read()
     chunks, rejects = _tables(cfg.output_dir)
     ids = chunks["id"].to_pylist()
     assert len(ids) == len(set(ids))

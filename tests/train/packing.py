@@ -1,12 +1,11 @@
-"""Test helper: a real pack-stage output for the train stage, built from real licence text.
+"""Test helper: the train stage's input, made by the real pack stage from real licence text.
 
     cfg = train_config(tmp_path, tiny_model, max_steps=6)
-    write_packed(cfg, legal_texts)     # <output_dir>/pack/packed/{train,val}/part-*.parquet + pack stats.json
+    write_packed(cfg, legal_texts)     # runs pack: <output_dir>/pack/packed/{train,val}/ + its stats.json
 
-Same contract as the pack stage: documents tokenised with the model's tokenizer, joined with EOS, cut into
-exactly seq_len-token windows (`input_ids` list<int32>, `sequence` int64), the tail shorter than a window
-dropped; every `val_every`-th document goes to val. stats.json is written through `write_stats`, so the
-train stage sees a finished pack stage with the right fingerprint.
+The texts are written as a Parquet file of domain text (`text`, `split`: every `val_every`-th document val)
+that `pack.domain_paths` names, with no general text mixed in (`pack.mix_ratio=0`): pack then reads nothing
+else, and the test's sequences are exactly what the pipeline would train on. Needs a running Ray.
 """
 
 from __future__ import annotations
@@ -24,40 +23,21 @@ def train_config(tmp_path, model: str, **train: Any):
             "checkpoint_every": 3, "eval_every": 3, "eval_batches": 2, "max_failures": 0,
             "wandb": {"mode": "disabled"}}
     base.update(train)
-    return config_from_dict({"output_dir": str(tmp_path / "out"), "input": {"builtin": "licensedcode"},
-                             "pack": {"tokenizer": model}, "train": base})
+    return config_from_dict({
+        "output_dir": str(tmp_path / "out"), "input": {"builtin": "licensedcode"},
+        "pack": {"tokenizer": model, "domain_paths": [str(tmp_path / "domain-text.parquet")], "mix_ratio": 0.0,
+                 "num_actors": 1},
+        "train": base})
 
 
-def write_packed(cfg, texts: list[str], val_every: int = 10, parts: int = 2) -> dict:
-    """Write the packed splits and the pack stage's stats.json; returns {split: rows}."""
-    import numpy as np
+def write_packed(cfg, texts: list[str], val_every: int = 10) -> dict:
+    """Write `texts` where cfg.pack.domain_paths points and run the pack stage; returns {split: sequences}."""
     import pyarrow as pa
-    from transformers import AutoTokenizer
 
-    from transformllm_ray.models.assets import resolve_model
-    from transformllm_ray.pack.windows import cut, join_with_eos, windows_column
-    from transformllm_ray.stage import write_stats
+    from transformllm_ray.stage import run_stage
     from transformllm_ray.storage import write_parquet_atomic
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.pack_tokenizer))
-    seq_len = cfg.train.seq_len
-    lists: dict[str, list[list[int]]] = {"train": [], "val": []}
-    for i, text in enumerate(texts):
-        split = "val" if i % val_every == 0 else "train"
-        lists[split].append(tok(text, add_special_tokens=False)["input_ids"])
-    rows = {}
-    for split, token_lists in lists.items():
-        windows = cut(join_with_eos(token_lists, tok.eos_token_id)[0], seq_len)  # the pack stage's packer
-        n = len(windows)
-        bounds = np.linspace(0, n, parts + 1).astype(int)
-        for p in range(parts):
-            lo, hi = bounds[p], bounds[p + 1]
-            table = pa.table({"input_ids": windows_column(windows[lo:hi]),
-                              "sequence": pa.array(np.arange(lo, hi), type=pa.int64())})
-            write_parquet_atomic(table, f"{cfg.stage_dir('pack')}/packed/{split}/part-{p:05d}.parquet")
-        rows[split] = n
-    write_stats(cfg, "pack", {"rows_in": len(texts), "rows_out": len(texts), "rows_rejected": 0, "seconds": 0.0,
-                              "tokenizer": cfg.pack_tokenizer, "seq_len": seq_len,
-                              "eos_token_id": tok.eos_token_id, "vocab_size": len(tok),
-                              "sequences": rows})
-    return rows
+    splits = ["val" if i % val_every == 0 else "train" for i in range(len(texts))]
+    write_parquet_atomic(pa.table({"text": texts, "split": splits}), cfg.pack.domain_paths[0])
+    stats = run_stage(cfg, "pack")
+    return {"train": stats["sequences_train"], "val": stats["sequences_val"]}

@@ -24,11 +24,15 @@ committed only once per pass and the retry pass only takes ids that are pending 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
+from typing import Any
 
 import pyarrow as pa
 
+from transformllm_ray.convert.select import Selection, check_exactly_once
+from transformllm_ray.dataops import map_files
 from transformllm_ray.schema import Converted, Reject, to_table
 from transformllm_ray.stage import StageChanged
 from transformllm_ray.storage import (
@@ -36,6 +40,9 @@ from transformllm_ray.storage import (
     write_parquet_atomic,
 )
 
+STAGE = "convert"
+EXCERPT = 200
+"""Characters of a rejected chunk's output kept in its reject row."""
 PENDING_SCHEMA = pa.schema([pa.field("id", pa.string(), False), pa.field("doc_id", pa.string(), False),
                             pa.field("split", pa.string(), False), pa.field("text", pa.string(), False),
                             pa.field("tasks", pa.string(), False)])
@@ -131,3 +138,39 @@ class Ledger:
 
 def _id_column(uri: str, column: str) -> pa.Table:
     return pa.table({"id": read_parquet(uri, columns=[column])[column]})
+
+
+# ------------------------------------------------------------------------------------------- accounting
+def _output_counts(uri: str, kind: str):
+    """One committed part's counts: converted -> (rows, output tokens, ok after retry); rejects -> per reason."""
+    import pyarrow as pa
+
+    if kind == "converted":
+        t = read_parquet(uri, columns=["output_tokens", "attempts"])
+        return pa.table({"key": ["ok"], "rows": [t.num_rows], "output_tokens": [sum(t["output_tokens"].to_pylist())],
+                         "retried": [sum(1 for a in t["attempts"].to_pylist() if a > 1)]})
+    reasons = collections.Counter(read_parquet(uri, columns=["reason"])["reason"].to_pylist())
+    return pa.table({"key": list(reasons), "rows": list(reasons.values()), "output_tokens": [0] * len(reasons),
+                     "retried": [0] * len(reasons)},
+                    schema=pa.schema([("key", pa.string()), ("rows", pa.int64()), ("output_tokens", pa.int64()),
+                                      ("retried", pa.int64())]))
+
+
+def reconcile(ledger: Ledger, sel: Selection) -> dict[str, Any]:
+    """Counts read back from the committed files by workers; fails unless every selected id is in exactly one
+    row (select.check_exactly_once)."""
+    conv, rej = ledger.part_files("converted"), ledger.part_files("rejects")
+    check_exactly_once(sel, conv, rej, ledger.out)
+    ok = out_tokens = retried = 0
+    reasons: collections.Counter = collections.Counter()
+    for kind, files in (("converted", conv), ("rejects", rej)):
+        ds = map_files(files, _output_counts, {"kind": kind})
+        for r in ds.iter_rows() if ds is not None else []:
+            if kind == "converted":
+                ok += int(r["rows"])
+                out_tokens += int(r["output_tokens"])
+                retried += int(r["retried"])
+            else:
+                reasons[r["key"]] += int(r["rows"])
+    return {"rows_out": ok, "rows_rejected": sum(reasons.values()), "reject_reasons": dict(sorted(reasons.items())),
+            "output_tokens_ok": out_tokens, "ok_after_retry": retried, "files": len(conv) + len(rej)}

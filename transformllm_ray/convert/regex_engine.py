@@ -19,14 +19,20 @@ A chunk with no minable task is rejected (`no_tasks`).
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import time
 from typing import Any
 
+from transformllm_ray.config import Config
+from transformllm_ray.console import progress, say
 from transformllm_ray.convert.format import training_text
+from transformllm_ray.convert.ledger import EXCERPT, STAGE, Ledger
 from transformllm_ray.convert.prompts import PromptDB, chunk_rng, load_prompts
 from transformllm_ray.dataops import BatchUDF
+from transformllm_ray.resources import convert_pools
+from transformllm_ray.schema import make_reject
 
 KINDS = ("summary_title", "word_to_text", "inference", "cause_effect", "completion")
 _SENT_END = re.compile(r"(?<=[.!?;])\s+(?=[\"'(]?[A-Z0-9])|\n{2,}")
@@ -150,7 +156,9 @@ def select_tasks(chunk_id: str, found: dict[str, list[dict]], n: int, seed: int)
 class RegexConverter(BatchUDF):
     """Ray Data stage (engine: regex): chunk rows in, one result row per chunk out (status ok or no_tasks).
 
-    Input columns: id, doc_id, split, text, position, metadata. Output columns: RESULT_COLUMNS of convert.stage.
+    Input columns: id, doc_id, split, text, position, metadata. Output columns: id, doc_id, split, text,
+    raw_output, task_families, status, detail, excerpt, token counts, finish_reason, attempts, sampling,
+    gen_seconds (RegexCommitStage turns them into converted/ and rejects/ rows).
     """
 
     input_columns = ("id", "doc_id", "split", "text", "position", "metadata")
@@ -176,7 +184,7 @@ class RegexConverter(BatchUDF):
             "task_families": ",".join(k for k, _ in tasks),
             "status": "ok" if ok else "no_tasks",
             "detail": "" if ok else "no title, domain-word sentence, connective, cause/effect or long sentence",
-            "excerpt": row["text"][:200],
+            "excerpt": row["text"][:EXCERPT],
             "input_tokens": 0, "output_tokens": 0, "finish_reason": ",".join("rule" for _ in tasks),
             "attempts": 1, "prompt_truncated": False, "sampling": "{}",
             "gen_seconds": time.perf_counter() - t0,
@@ -186,3 +194,63 @@ class RegexConverter(BatchUDF):
         n = len(batch["id"])
         rows = [self.convert({c: batch[c][i] for c in self.input_columns}) for i in range(n)]
         return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+
+# ------------------------------------------------------------------------------------------- the stage
+class RegexCommitStage(BatchUDF):
+    """Ray Data stage (engine regex): a batch of chunk rows in, converted and committed by this worker as one
+    ledger commit (`convert.rows_per_file` rows); one narrow row per chunk out (id, status, commit key).
+
+    The converted text never travels to the driver: it only counts the narrow rows. A retried task converts
+    the same rows into the same commit key and overwrites the same files; a rerun after a kill gets only
+    uncommitted ids (anti-join), so commits never share an id. Input columns: those of RegexConverter."""
+
+    input_columns = ("id", "doc_id", "split", "text", "position", "metadata")
+
+    def __init__(self, out_dir: str, fingerprint: str, domain: str, version: str, tasks_per_chunk: int,
+                 seed: int):
+        self.conv = RegexConverter(domain, version, tasks_per_chunk, seed)
+        self.ledger = Ledger(out_dir, fingerprint)
+        tag = self.conv.db.version_tag
+        self.base = {"engine": "regex", "model": "regex", "model_revision": tag, "prompt_version": tag}
+
+    def map(self, batch: dict[str, Any]) -> dict[str, list]:
+        t0 = time.time()
+        res = self.conv(batch)
+        n = len(batch["id"])
+        converted, rejects = [], []
+        for i in range(n):
+            r = {k: v[i] for k, v in res.items()}
+            if r["status"] == "ok":
+                converted.append({
+                    "id": r["id"], "doc_id": r["doc_id"], "split": r["split"], "text": r["text"],
+                    "raw_output": r["raw_output"], "task_families": r["task_families"], **self.base,
+                    "sampling": "{}", "input_tokens": 0, "output_tokens": 0, "finish_reason": r["finish_reason"],
+                    "status": "ok", "attempts": 1, "seconds": round(r["gen_seconds"], 4)})
+            else:
+                rejects.append(make_reject(STAGE, r["id"], r["status"], r["detail"], r["excerpt"], EXCERPT).__dict__)
+        key = self.ledger.commit(converted, rejects, [], {"attempt": 1, "seconds": round(time.time() - t0, 3),
+                                                          "input_tokens": 0, "output_tokens": 0})
+        return {"id": list(res["id"]), "status": list(res["status"]), "commit": [key] * n}
+
+
+def regex_pass(cfg: Config, ds, todo: int, ledger: Ledger) -> dict[str, Any]:
+    c = cfg.convert
+    ds = ds.map_batches(RegexCommitStage, fn_constructor_kwargs={
+        "out_dir": ledger.out, "fingerprint": ledger.fingerprint, "domain": c.domain, "version": c.prompt_version,
+        "tasks_per_chunk": c.tasks_per_chunk, "seed": cfg.seed},
+        **convert_pools(cfg, "cpu")["regex"].actor_pool(), batch_size=max(1, c.rows_per_file))
+    t0 = time.time()
+    counts: collections.Counter = collections.Counter()
+    commits = set()
+    with progress(STAGE, todo, "chunks") as bar:
+        for batch in ds.select_columns(["status", "commit"]).iter_batches(batch_format="pyarrow", batch_size=None):
+            st = batch["status"].to_pylist()
+            bar.update(len(st))
+            counts["converted"] += sum(1 for x in st if x == "ok")
+            counts["reject"] += sum(1 for x in st if x != "ok")
+            commits.update(batch["commit"].to_pylist())
+    say(f"[convert] regex: {counts['converted']} chunks converted, {counts['reject']} rejected, "
+        f"{len(commits)} commits")
+    return {"seconds": time.time() - t0, "commits": len(commits), "input_tokens": 0, "output_tokens": 0,
+            **{f"chunks_{k}": v for k, v in counts.items()}}

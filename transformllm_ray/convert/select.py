@@ -18,11 +18,13 @@ Resume and reconciliation are Ray Data group-bys over narrow rows (ids and a sid
 from __future__ import annotations
 
 import dataclasses
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from transformllm_ray.config import Config
-from transformllm_ray.dataops import map_files, shuffle_partitions, hash_shuffle
+from transformllm_ray.dataops import hash_shuffle, map_files, shuffle_partitions
+from transformllm_ray.resources import TASK_CPUS
 from transformllm_ray.schema import Chunk, arrow_schema
 from transformllm_ray.storage import exists, list_files, read_json, read_parquet
 
@@ -132,9 +134,9 @@ def anti_join(left, right, schema: pa.Schema, on: str = "id"):
     A group-by on `on` over both sides (dataops.hash_shuffle), no extra dependency. Used on resume only (a
     fresh run has nothing to subtract), so its per-id group call is paid only then."""
     with hash_shuffle():
-        lt = left.map_batches(_tagged, fn_kwargs={"side": 0}, batch_format="pyarrow", num_cpus=0.25)
+        lt = left.map_batches(_tagged, fn_kwargs={"side": 0}, batch_format="pyarrow", num_cpus=TASK_CPUS)
         rt = right.map_batches(_padded, fn_kwargs={"schema": schema, "on": on}, batch_format="pyarrow",
-                               num_cpus=0.25)
+                               num_cpus=TASK_CPUS)
         return lt.union(rt).groupby(on, num_partitions=shuffle_partitions()).map_groups(
             _keep_unmatched, batch_format="pyarrow")
 

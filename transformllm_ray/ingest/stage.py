@@ -43,14 +43,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transformllm_ray.config import Config, SourceConfig
-from transformllm_ray.dataops import UnitWorker, map_files, run_units, shuffle_partitions, hash_shuffle
+from transformllm_ray.console import say
+from transformllm_ray.dataops import UnitWorker, hash_shuffle, map_files, run_units, shuffle_partitions
+from transformllm_ray.resources import ingest_pool
 from transformllm_ray.schema import Chunk, Reject, make_reject, to_table
 from transformllm_ray.sources.builtin import BUILTINS
 from transformllm_ray.sources.readers import RawDoc, WorkFile, detect_format, is_compressed, read_file
 from transformllm_ray.splits import assign_split
 from transformllm_ray.stage import write_stats
 from transformllm_ray.storage import (
-    expand_inputs, filesystem, list_files, makedirs, read_parquet, remove, remove_temporaries,
+    expand_inputs, files_digest, filesystem, list_files, makedirs, read_parquet, remove, remove_temporaries,
     write_parquet_atomic,
 )
 from transformllm_ray.text import content_id, normalize
@@ -66,8 +68,17 @@ def inputs(cfg: Config) -> dict:
     from transformllm_ray.stage import section
 
     return {**section(cfg.input, "input", exclude=["expected_tokens"]), **section(cfg.general, "general"),
+            "input.files": _listing(cfg, "domain"), "general.files": _listing(cfg, "general"),
             **section(cfg.ingest, "ingest", exclude=["tokenizer", "num_actors", "cpus_per_actor"]),
             "ingest.tokenizer": model_key(cfg.ingest_tokenizer), **section(cfg.split, "split")}
+
+
+def _listing(cfg: Config, kind: str) -> str:
+    """files_digest of one source's input files."""
+    from transformllm_ray.stage import remembered
+
+    src = source_of(cfg, kind)
+    return remembered("files:" + src.model_dump_json(), lambda: files_digest(source_files(src, kind)))
 KINDS = ("domain", "general")
 MIN_PIECE_BYTES = 4096
 """Smallest byte range a file is cut into, whatever ingest.shard_bytes says: below a few KB a piece costs more
@@ -81,20 +92,20 @@ def source_of(cfg: Config, kind: str) -> SourceConfig:
 
 def list_work_files(cfg: Config) -> list[WorkFile]:
     """Every input file of both sources (domain first), each source sorted by name and cut at max_files."""
-    files: list[WorkFile] = []
-    for kind in KINDS:
-        src = source_of(cfg, kind)
-        if src.empty:
-            continue
-        found: list[WorkFile] = []
-        if src.builtin:
-            found += [dataclasses.replace(f, kind=kind) for f in BUILTINS[src.builtin]()]
-        if src.paths:
-            found += [WorkFile(f.uri, f.size, detect_format(f.uri, src.format), kind=kind)
-                      for f in expand_inputs(src.paths)]
-        found.sort(key=lambda f: f.name)
-        files += found[: src.max_files] if src.max_files else found
-    return files
+    return [f for kind in KINDS for f in source_files(source_of(cfg, kind), kind)]
+
+
+def source_files(src: SourceConfig, kind: str) -> list[WorkFile]:
+    if src.empty:
+        return []
+    found: list[WorkFile] = []
+    if src.builtin:
+        found += [dataclasses.replace(f, kind=kind) for f in BUILTINS[src.builtin]()]
+    if src.paths:
+        found += [WorkFile(f.uri, f.size, detect_format(f.uri, src.format), kind=kind)
+                  for f in expand_inputs(src.paths)]
+    found.sort(key=lambda f: f.name)
+    return found[: src.max_files] if src.max_files else found
 
 
 def _parquet_row_groups(f: WorkFile) -> list[int]:
@@ -223,10 +234,9 @@ def process_shard(shard_id: str, files_json: str, cfg: Config, chunker) -> dict:
 
 
 def run_phase1(cfg: Config, shards: list[dict], marker_dir: str) -> list[dict]:
-    ic = cfg.ingest
     # Each actor tokenises on its own core; tokenizers' Rust thread pool on top would oversubscribe.
     return run_units(STAGE, shards, ShardProcessor, {"cfg_json": cfg.model_dump_json()}, marker_dir,
-                     ic.num_actors, ic.cpus_per_actor, env={"TOKENIZERS_PARALLELISM": "false"})
+                     ingest_pool(cfg), env={"TOKENIZERS_PARALLELISM": "false"}, unit="shards")
 
 
 # ------------------------------------------------------------------------------------------------ phase 2
@@ -370,7 +380,7 @@ def run(cfg: Config) -> dict:
 
     files = list_work_files(cfg)
     shards = plan_shards(files, cfg.ingest.shard_bytes)
-    print(f"[ingest] {len(files)} files in {len(shards)} shards", flush=True)
+    say(f"[ingest] {len(files)} files in {len(shards)} shards")
     counts = run_phase1(cfg, shards, marker_dir)
     final = finalize(cfg, [s["unit_id"] for s in shards])
     reasons = final["reject_reasons"]

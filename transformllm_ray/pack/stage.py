@@ -50,12 +50,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transformllm_ray.config import Config
-from transformllm_ray.dataops import UnitWorker, map_files, run_units, shuffle_partitions, hash_shuffle
+from transformllm_ray.console import say
+from transformllm_ray.dataops import UnitWorker, hash_shuffle, map_files, run_units, shuffle_partitions
 from transformllm_ray.pack.windows import cut, join_with_eos, windows_column
+from transformllm_ray.resources import pack_pool
 from transformllm_ray.splits import SPLITS
 from transformllm_ray.stage import write_stats
 from transformllm_ray.storage import (
-    exists, expand_inputs, list_files, makedirs, read_json, read_parquet, remove, remove_temporaries,
+    exists, expand_inputs, files_digest, list_files, makedirs, read_json, read_parquet, remove, remove_temporaries,
     write_json_atomic, write_parquet_atomic,
 )
 from transformllm_ray.text import content_id
@@ -68,10 +70,14 @@ def inputs(cfg: Config) -> dict:
     """What pack's output depends on (stage.py): the tokenizer it resolves, seq_len, the mix, the bucket
     layout and the seed (document order); not its actors."""
     from transformllm_ray.models.assets import model_key
-    from transformllm_ray.stage import section
+    from transformllm_ray.stage import remembered, section
 
-    return {**section(cfg.pack, "pack", exclude=["tokenizer", "num_actors", "cpus_per_actor"]),
-            "pack.tokenizer": model_key(cfg.pack_tokenizer), "train.seq_len": cfg.train.seq_len, "seed": cfg.seed}
+    out = {**section(cfg.pack, "pack", exclude=["tokenizer", "num_actors", "cpus_per_actor"]),
+           "pack.tokenizer": model_key(cfg.pack_tokenizer), "train.seq_len": cfg.train.seq_len, "seed": cfg.seed}
+    if cfg.pack.domain_paths:
+        out["pack.domain_files"] = remembered("files:" + "\n".join(cfg.pack.domain_paths),
+                                              lambda: files_digest(expand_inputs(cfg.pack.domain_paths)))
+    return out
 KEY_BITS = 60
 TRAIN_SPLITS = ("train", "val")
 TOKEN_SCHEMA = pa.schema([("kind", pa.string()), ("split", pa.string()), ("id", pa.string()),
@@ -400,9 +406,9 @@ def run(cfg: Config) -> dict:
 
     # A: tokenise, one unit per input file.
     units = plan_units(cfg)
-    print(f"[pack] tokenising {len(units)} files", flush=True)
+    say(f"[pack] tokenising {len(units)} files")
     counts = run_units(STAGE, units, TokenizeUnit, {"cfg_json": cfg.model_dump_json()}, f"{out}/_markers",
-                       pc_.num_actors, pc_.cpus_per_actor, env={"TOKENIZERS_PARALLELISM": "false"})
+                       pack_pool(cfg), env={"TOKENIZERS_PARALLELISM": "false"}, unit="files")
     parts = [token_part(cfg, u["unit_id"]) for u in units]
     rows_in = sum(int(c["rows_in"]) for c in counts)
     rejected: dict[str, int] = {}
@@ -436,7 +442,7 @@ def run(cfg: Config) -> dict:
         raise ValueError("pack: no training text (no converted rows, no raw chunks, no general text)")
     finished = sum(len(p["done"]) for p in plan["splits"].values())
     if finished:
-        print(f"[pack] resuming: {finished} buckets already packed", flush=True)
+        say(f"[pack] resuming: {finished} buckets already packed")
 
     # C: pack every bucket not yet marked.
     run_phase_c(cfg, parts, plan, eos_id)
@@ -488,6 +494,6 @@ def run(cfg: Config) -> dict:
             log.warning("pack: general text of split %s ran out: %d general tokens < budget %d (mix_ratio %.3f x "
                         "%d domain tokens); add general text", split, p["general_tokens"], p["budget"],
                         pc_.mix_ratio, p["domain_tokens"])
-    print(f"[pack] {stats['sequences_train']} train + {stats['sequences_val']} val sequences of {seq_len} "
-          f"tokens, mix {stats['mix_ratio_achieved']}, waste {stats['waste_fraction']:.2%}", flush=True)
+    say(f"[pack] {stats['sequences_train']} train + {stats['sequences_val']} val sequences of {seq_len} "
+        f"tokens, mix {stats['mix_ratio_achieved']}, waste {stats['waste_fraction']:.2%}")
     return write_stats(cfg, STAGE, stats)

@@ -57,6 +57,14 @@ def save_checkpoint(step: int, model, opt, state: dict[str, Any], metrics: dict[
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def checkpoint_uri(checkpoint) -> str:
+    """Where a Ray Checkpoint lies, as a URI: `Checkpoint.path` is the path inside its filesystem, which for an
+    object store drops the scheme (`bucket/run/step-...`, read as a relative local path in a log)."""
+    kind = getattr(checkpoint.filesystem, "type_name", "local")
+    scheme = {"s3": "s3", "gcs": "gs"}.get(kind)
+    return f"{scheme}://{checkpoint.path}" if scheme else str(checkpoint.path)
+
+
 def load_checkpoint(checkpoint, model, opt) -> dict[str, Any]:
     """Collective: restore model and optimizer shards from a Ray Checkpoint; returns its trainer_state."""
     import torch.distributed.checkpoint as dcp
@@ -65,7 +73,7 @@ def load_checkpoint(checkpoint, model, opt) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         state_file = os.path.join(d, STATE_FILE)
         if not os.path.isfile(state_file):
-            raise FileNotFoundError(f"{checkpoint.path}: not a transformllm checkpoint (no {STATE_FILE})")
+            raise FileNotFoundError(f"{checkpoint_uri(checkpoint)}: not a transformllm checkpoint (no {STATE_FILE})")
         with open(state_file) as f:
             state = json.load(f)
         sds = _state_dicts(model, opt)

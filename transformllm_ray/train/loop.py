@@ -145,11 +145,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for key in ("world", "rows_per_worker", "micro_batch", "accum", "seq_len"):
             have, want = state["plan"][key], getattr(plan, key)
             if have != want:
-                raise RuntimeError(f"checkpoint {checkpoint.path} was written with {key}={have}, this run has "
-                                   f"{want}: its data position does not apply; use another train.run_name")
+                raise RuntimeError(f"checkpoint {ckpt.checkpoint_uri(checkpoint)} was written with {key}={have}, "
+                                   f"this run has {want}: its data position does not apply; use another "
+                                   "train.run_name")
         ckpt.restore_scheduler(sched, opt, state)
         step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        source = f"checkpoint {checkpoint.path} (step {step})"
+        source = f"checkpoint {ckpt.checkpoint_uri(checkpoint)} (step {step})"
     else:
         load_base_weights(model, folder)
         source = f"base model {tc.base_model}"

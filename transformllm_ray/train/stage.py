@@ -37,6 +37,8 @@ import os
 import time
 
 from transformllm_ray.config import Config, join_uri
+from transformllm_ray.console import polling, say
+from transformllm_ray.resources import check_train_room, cluster_gpus, train_gpu, train_pool
 from transformllm_ray.stage import stage_fingerprint, upstream_stats, write_stats
 from transformllm_ray.storage import is_remote, list_files, read_json
 
@@ -92,25 +94,6 @@ def check_input(cfg: Config, pack_stats: dict, model_vocab: int) -> None:
                          f"{cfg.train.base_model} embeds {model_vocab}: pack with the model's tokenizer")
 
 
-def use_gpu(cfg: Config) -> bool:
-    import ray
-
-    if cfg.train.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return cfg.train.use_gpu == "yes"
-
-
-def check_cpus(cfg: Config, gpu: bool) -> None:
-    from transformllm_ray.runtime import require_ray_data_cpu
-
-    tc = cfg.train
-    if gpu:
-        return
-    require_ray_data_cpu(tc.num_workers * tc.cpus_per_worker,
-                         f"train: {tc.num_workers} workers x train.cpus_per_worker={tc.cpus_per_worker}",
-                         "lower train.cpus_per_worker (e.g. 0.5) or raise ray.num_cpus")
-
-
 def worker_env(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
     """(plain env vars, secret env vars) for the training workers, from `ray.forward_env`.
 
@@ -140,11 +123,12 @@ def build_trainer(cfg: Config, plan, val_batches: int, train_files: list[str], v
     from transformllm_ray.train.loop import train_loop_per_worker
 
     tc = cfg.train
-    gpu = use_gpu(cfg)
-    check_cpus(cfg, gpu)
+    gpu = train_gpu(cfg, cluster_gpus())
+    check_train_room(cfg, gpu)
     # Only the train split streams through Ray Data; the few val rows are read by each worker (data.py).
     datasets = {"train": ray.data.read_parquet(train_files, columns=["input_ids"])}
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    pool = train_pool(cfg, gpu)
+    resources = pool.unit if pool else {"CPU": tc.cpus_per_worker}
     plain_env, secrets = worker_env(cfg)
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "train_dir": cfg.stage_dir(STAGE),
@@ -234,13 +218,19 @@ def run(cfg: Config) -> dict:
         raise RuntimeError(f"train.resume=never but run {tc.run_name!r} already has checkpoints "
                            f"({existing[-1][1]}); choose another train.run_name or delete them")
     if existing and tc.resume == "auto":
-        print(f"[train] resuming run {tc.run_name!r} from step {existing[-1][0]} ({existing[-1][1]})", flush=True)
-    print(f"[train] {plan.rows} train / {n_val} val sequences of {plan.seq_len} tokens; {plan.world} workers, "
-          f"{plan.tokens_per_step} tokens/step, {plan.steps_per_epoch} steps/epoch, {tc.max_steps} steps",
-          flush=True)
+        say(f"[train] resuming run {tc.run_name!r} from step {existing[-1][0]} ({existing[-1][1]})")
+    say(f"[train] {plan.rows} train / {n_val} val sequences of {plan.seq_len} tokens; {plan.world} workers, "
+        f"{plan.tokens_per_step} tokens/step, {plan.steps_per_epoch} steps/epoch, {tc.max_steps} steps")
 
     trainer = build_trainer(cfg, plan, val_batches, train_files, val_files)
-    trainer.fit()  # raises ray.train.TrainingFailedError once max_failures restarts are spent
+    metrics_uri = f"{cfg.stage_dir(STAGE)}/metrics.jsonl"
+
+    def latest() -> dict | None:  # the live line's source: rank 0's metrics file, polled while on a terminal
+        rows = read_metrics(metrics_uri)
+        return {"done": rows[-1]["step"], "loss": rows[-1]["loss"]} if rows else None
+
+    with polling(STAGE, tc.max_steps, "steps", latest):
+        trainer.fit()  # raises ray.train.TrainingFailedError once max_failures restarts are spent
 
     train_dir = cfg.stage_dir(STAGE)
     summary = read_json(f"{train_dir}/summary.json")
