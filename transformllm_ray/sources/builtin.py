@@ -46,8 +46,15 @@ def licensedcode_files() -> list[WorkFile]:
 
 
 def package_doc_files() -> list[WorkFile]:
+    """The READMEs (METADATA long descriptions) of the packages installed in this environment's site-packages.
+
+    Only there, not along sys.path: `import ray` puts Ray's vendored `thirdparty_files` on sys.path, so a
+    listing along it changed within one run (200 -> 213 files) and the recorded inputs of ingest with it."""
+    import sysconfig
+
     out = {}
-    for dist in importlib.metadata.distributions():
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    for dist in importlib.metadata.distributions(path=paths):
         name = (dist.metadata["Name"] or "").lower()
         path = getattr(dist, "_path", None)
         meta = os.path.join(str(path), "METADATA") if path else ""
