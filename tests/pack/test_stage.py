@@ -25,7 +25,7 @@ from transformllm_ray.storage import list_files
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEQ = 128
 INPUT = {"builtin": "licensedcode", "max_files": 80}
-GENERAL = {"builtin": "package-docs", "max_files": 40}
+GENERAL = {"builtin": "package-docs", "max_files": 120}  # enough general text for the val split to meet the mix
 PACK = {"include_raw_chunks": True, "mix_ratio": 0.5, "bucket_tokens": 20000}
 SPLIT = {"heldout_fraction": 0.1, "val_fraction": 0.1}
 INGEST = {"chunk_tokens": 512, "shard_bytes": 300_000}  # several ingest parts: several tokenising units
