@@ -21,7 +21,7 @@ the read task: a hang, not an error).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from transformllm_ray.config import Config
@@ -45,11 +45,10 @@ class Pool:
     max_size: int
     cpus: float
     gpus: float = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def unit(self) -> dict[str, float]:
-        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {}), **self.extra}
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
 
     def units(self) -> list[dict[str, float]]:
         """The units that must be placed at once (the pool's minimum)."""
