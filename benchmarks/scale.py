@@ -12,8 +12,8 @@ tokens/s per stage as a ratio to it (`vs_first`).
 Corpus: unique documents built from real legal sentences, the licence corpus' (licensedcode-data) sentences
 recombined with a seed: each document draws 8-60 sentences and starts with a numbered heading, so no two
 documents are equal and sizes vary like real filings. General text the same way from the package-docs
-sentences, 15% of the domain size (pack mixes 0.1 general tokens per domain token: the budget is met, and
-cut, inside the general text). The corpus is the same for a seed and size whatever the layout.
+sentences, 30% of the domain size (pack mixes 0.1 general tokens per domain token of the converted text, which
+is longer than the raw text: the budget is met, and cut, inside the general text). The corpus is the same for a seed and size whatever the layout.
 
 Each stage runs in its own process (`python -m benchmarks.scale stage ...`) that starts its own local Ray, as
 `transformllm <stage>` does, and reports `resource.getrusage(RUSAGE_SELF).ru_maxrss` (the driver alone, not
@@ -169,7 +169,7 @@ def run_one(work: str, tokens: float, layout: str, args) -> dict:
     domain, general = f"{work}/corpus/domain-{tag}", f"{work}/corpus/general-{tokens:.0e}".replace("+", "")
     sizes = {"domain_bytes": write_corpus(domain, sentences("licensedcode"), tokens, args.seed, layout, "Section")}
     if not os.path.isdir(general):
-        write_corpus(general, sentences("package-docs"), 0.15 * tokens, args.seed + 1, "small", "Note")
+        write_corpus(general, sentences("package-docs"), 0.3 * tokens, args.seed + 1, "small", "Note")
     sizes["general_bytes"] = sum(os.path.getsize(os.path.join(general, x)) for x in os.listdir(general))
     print(f"[scale] corpus {tokens:.3g} tokens ({layout}): {sizes} in {time.time() - t0:.1f}s", flush=True)
     out, cfg_path = f"{work}/out-{tag}", f"{work}/config-{tag}.yaml"

@@ -437,7 +437,7 @@ def run(cfg: Config) -> dict:
         n_buckets = max(1, math.ceil((domain + general) / pc_.bucket_tokens))
         done = [b for b in range(n_buckets) if exists(f"{out}/_markers/pack-{split}-{b:05d}.json")]
         plan["splits"][split] = {"threshold": thr, "buckets": n_buckets, "done": done, "domain_tokens": domain,
-                                 "general_tokens": general, "budget": budget}
+                                 "general_tokens": general, "budget": budget, "general_have": general_have}
     if not plan["splits"]:
         raise ValueError("pack: no training text (no converted rows, no raw chunks, no general text)")
     finished = sum(len(p["done"]) for p in plan["splits"].values())
@@ -478,7 +478,8 @@ def run(cfg: Config) -> dict:
         "mix_ratio_target": pc_.mix_ratio,
         "mix_ratio_achieved": round(general_tokens / domain_tokens, 4) if domain_tokens else 0.0,
         "mix_by_split": {s: {"domain_tokens": p["domain_tokens"], "general_tokens": p["general_tokens"],
-                             "general_budget": p["budget"]} for s, p in plan["splits"].items()},
+                             "general_budget": p["budget"], "general_available": p["general_have"]}
+                         for s, p in plan["splits"].items()},
         "tokens_packed": tot("sequences") * seq_len, "waste_tokens": tot("waste"),
         "waste_fraction": round(tot("waste") / tokens_in, 6) if tokens_in else 0.0,
         "sequences_train": tot("sequences", "train"), "sequences_val": tot("sequences", "val"),
