@@ -42,7 +42,7 @@ def plain_loop(cfg) -> dict:
     t0 = time.time()
     chunker = Chunker(load_fast_tokenizer(cfg.ingest_tokenizer), cfg.ingest.chunk_tokens)
     out = cfg.stage_dir("ingest")
-    for d in ("_markers", "chunks", "rejects"):
+    for d in ("_markers", "chunks", "rejects", "minhash"):
         makedirs(f"{out}/{d}")
     shards = ingest.plan_shards(ingest.list_work_files(cfg), cfg.ingest.shard_bytes)
     counts = [ingest.process_shard(s["unit_id"], s["files"], cfg, chunker) for s in shards]

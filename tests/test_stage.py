@@ -64,6 +64,7 @@ FLIPS: dict[str, list] = {
     "train.betas": [[0.8, 0.95]], "eval.lm_eval_tasks": [["hellaswag"]], "ray.address": ["auto"],
     "ray.num_cpus": [8], "ray.forward_env": [["X_*"]], "convert.vllm.engine_kwargs": [{"seed": 1}],
     "convert.vllm.env": [{"A": "1"}], "train.resume": ["never"], "convert.max_chunks": [33, None],
+    "ingest.near_dup.bands": [40], "ingest.near_dup.rows": [2],
 }
 
 

@@ -28,6 +28,10 @@ from transformllm_ray.config import Config
 
 TASK_CPUS = 0.25
 """CPUs of a small Ray Data task of ours (reading our own parts, tagging ids for a join)."""
+SHUFFLE_TASK_CPUS = 1.0
+"""CPUs of a near-dup map-reduce task (ingest/neardup.py). A whole CPU on purpose: at most one task per CPU
+runs, so the few workers Ray keeps warm take every task in turn; at 0.25 Ray started a fresh worker for most
+of the ~40 tiny tasks, each importing pyarrow and our modules, 10x the work on 2 cores."""
 SMALL_STAGE_CPUS = 0.1
 """CPUs of convert's prompt and quality-gate actors (per actor, one per engine)."""
 REGEX_ACTOR_CPUS = 0.5

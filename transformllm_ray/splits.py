@@ -5,7 +5,9 @@
 heldout: raw text never converted, never trained on (eval's perplexity sets); val: validation sequences come
 from these documents only; train: the rest. Assignment is a pure function of the document id (a content
 hash) and `split.seed`, so it is the same on every machine and rerun, and no document can land in two splits.
-Only ingest calls it: convert, pack and eval read the column, so no stage can disagree with another.
+Documents that are near each other (ingest/neardup.py) all take the split of their cluster's first document,
+so a held-out document has no near-copy in train or val. Only ingest calls it: convert, pack and eval read the
+column, so no stage can disagree with another.
 """
 
 from __future__ import annotations

@@ -82,8 +82,9 @@ def test_ids_are_stable_across_runs_and_paths(ray_local, tmp_path, legal_texts):
         d = tmp_path / sub / "in"
         d.mkdir(parents=True)
         (d / "x.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in legal_texts[:30]))
+        # ~4 byte-range shards over 2 actors: which actor takes which shard varies from run to run
         cfg = load_config(write_config(tmp_path / sub, input={"paths": [str(d / "*.jsonl")]},
-                                       ingest={"chunk_tokens": 200, "num_actors": 2, "shard_bytes": 1}))
+                                       ingest={"chunk_tokens": 200, "num_actors": 2, "shard_bytes": 40_000}))
         ingest.run(cfg)
         t = pq.read_table(f"{cfg.output_dir}/ingest/chunks").sort_by("id")
         return t["id"].to_pylist(), t["text"].to_pylist()
@@ -115,7 +116,7 @@ def test_changed_config_on_finished_stage_is_refused(ray_local, tmp_path):
 def test_resume_after_kill_finishes_without_duplicates(ray_local, tmp_path):
     """kill -9 the whole job mid-stage, rerun the same command: same output as an uninterrupted run."""
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-    args = ["input.max_files=300", "ingest.shard_bytes=20000", "ingest.num_actors=1", "ray.num_cpus=2"]
+    args = ["input.max_files=150", "ingest.shard_bytes=20000", "ingest.num_actors=1", "ray.num_cpus=2"]
     path = write_config(tmp_path, input={"builtin": "licensedcode"})
     cfg = load_config(path, args)
     cmd = [sys.executable, "-m", "transformllm_ray.cli", "ingest", "--config", path, *args]
@@ -153,7 +154,7 @@ def test_resume_after_kill_finishes_without_duplicates(ray_local, tmp_path):
     ids = chunks["id"].to_pylist()
     assert len(ids) == len(set(ids))
     stats = json.load(open(f"{cfg.output_dir}/ingest/stats.json"))
-    assert stats["rows_in"] == 300 == stats["rows_out"] + stats["rows_rejected"]
+    assert stats["rows_in"] == 150 == stats["rows_out"] + stats["rows_rejected"]
     assert stats["chunks_out"] == len(ids)
 
     # Same ids as an uninterrupted run of the same plan (in-process, on the test session's Ray).
@@ -192,7 +193,10 @@ def test_a_large_file_is_cut_into_shards_with_the_same_ids(ray_local, tmp_path, 
     assert s1["shards"] == 1 and s2["shards"] >= 8
     assert c1 == c2 and len(c1) > 120
     assert sorted(r1["ref"].to_pylist()) == sorted(r2["ref"].to_pylist())
-    assert s2["reject_reasons"] == {"duplicate": 5} and s2["rows_in"] == len(texts) == s2["rows_out"] + 5
+    # Exact duplicates: the five copies. Near-duplicates among the licences: the same, however the file is cut.
+    assert s2["reject_reasons"]["duplicate"] == 5 and set(s2["reject_reasons"]) <= {"duplicate", "near_duplicate"}
+    assert s1["reject_reasons"] == s2["reject_reasons"] and s1["near_dup"]["removed"] > 0
+    assert s2["rows_in"] == len(texts) == s2["rows_out"] + sum(s2["reject_reasons"].values())
     # Every shard held work: the file's pieces spread over the shards.
     parts = [pq.read_table(p) for p in list_files(f"{tmp_path}/cut/out/ingest/chunks", ".parquet")]
     assert len(parts) == s2["shards"] and sum(p.num_rows > 0 for p in parts) >= s2["shards"] - 1
@@ -215,7 +219,9 @@ def test_general_text_is_ingested_and_tagged(ray_local, tmp_path, legal_texts):
     assert kinds == {"domain", "general"}
     general = [r for r in rows if r["kind"] == "general"]
     assert all("g.jsonl#B" in r["source"] for r in general)
-    assert all(r["split"] == assign_split(r["doc_id"], cfg.split) for r in rows)
+    # A document's split is its id's, unless near-duplicate clustering gave it its cluster's (counted).
+    moved = {r["doc_id"] for r in rows if r["split"] != assign_split(r["doc_id"], cfg.split)}
+    assert len(moved) == stats["near_dup"]["resplit"]
     assert {r["split"] for r in rows} == {"train", "val", "heldout"}
     by = stats["by_kind_split"]
     assert sum(v["tokens"] for v in by["general"].values()) == stats["general_tokens"] == sum(

@@ -10,6 +10,50 @@ from pydantic import Field, model_validator
 from transformllm_ray.sections import Section
 
 
+class NearDupConfig(Section):
+    """Near-duplicate documents (ingest/neardup.py): MinHash over word shingles, LSH banding, clusters."""
+
+    enabled: bool = True
+    """Find near-duplicate documents after exact dedup: near-copies are removed (`near_duplicate` rejects) and
+    documents near each other share a split, so no held-out document has a near-copy in train or val."""
+
+    shingle_words: int = Field(default=5, ge=1)
+    """Words per shingle; similarity is the Jaccard similarity of two documents' shingle sets."""
+
+    num_perm: int = Field(default=128, ge=8, le=1024)
+    """MinHash permutations per signature: the estimate's standard error is sqrt(J(1-J)/num_perm), 0.044 at
+    J=0.5 with 128."""
+
+    bands: int = Field(default=42, ge=1)
+    """LSH bands; documents sharing one band's values are candidate pairs, which the signatures then verify."""
+
+    rows: int = Field(default=3, ge=1)
+    """Signature values per band. 42 bands of 3 make a pair at J=0.5 a candidate with probability 0.996 and one
+    at 0.2 with 0.28: recall at the split threshold, at the price of verifying more pairs."""
+
+    remove_threshold: float = Field(default=0.8, gt=0, le=1)
+    """Estimated Jaccard at or above which a document is a near-copy: of each cluster so linked the first
+    (domain before general, then input order) is kept and the others are rejected as `near_duplicate`."""
+
+    split_threshold: float = Field(default=0.4, gt=0, le=1)
+    """Estimated Jaccard at or above which documents share a split (the split of their cluster's first
+    document). Below 0.5 on purpose: the promise is that no held-out document has a trainable one at true
+    Jaccard >= 0.5, and the estimate is off by up to ~0.1 (two standard errors)."""
+
+    seed: int = 0
+    """Seed of the MinHash permutations."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "NearDupConfig":
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(f"ingest.near_dup: bands x rows ({self.bands} x {self.rows}) must be at most "
+                             f"num_perm ({self.num_perm})")
+        if self.split_threshold > self.remove_threshold:
+            raise ValueError("ingest.near_dup.split_threshold: must be at most remove_threshold (a near-copy "
+                             "that is removed is also in its cluster)")
+        return self
+
+
 class IngestConfig(Section):
     tokenizer: Optional[str] = None
     """Tokenizer that bounds chunk length (local folder, hub name or builtin:...). None = `convert.model`, so
@@ -33,6 +77,9 @@ class IngestConfig(Section):
     row groups, uncompressed JSONL by byte ranges cut on line boundaries); a compressed file or a whole-file
     text document is one shard. A shard is the unit of parallelism and of resume: each finished shard leaves
     a completion marker, so a kill costs at most the shards in flight."""
+
+    near_dup: NearDupConfig = Field(default_factory=NearDupConfig)
+    """Near-duplicate removal and split clustering."""
 
     num_actors: int = Field(default=2, ge=1)
     """Ray Data actors that process shards in parallel."""

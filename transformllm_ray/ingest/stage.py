@@ -24,7 +24,11 @@ Phase 2, on Ray Data. Exact duplicates across shards: of all copies of a text th
 (kind, input reference) is kept (domain before general, then file order and offset), the same choice phase 1
 makes within a shard, so the result does not depend on how files were cut. A hash-partitioned group-by over
 the documents' first chunks finds texts seen more than once and names the later copies, and a group-by on
-the shard rewrites only the shards holding one (the copy moves to rejects/, idempotently). Counts are then
+the shard rewrites only the shards holding one (the copy moves to rejects/, idempotently).
+
+Phase 3, on Ray Data (neardup.py, `ingest.near_dup`). Near-duplicates: phase 1 wrote each shard's MinHash
+signatures (`minhash/part-<shard>.parquet`); LSH buckets, verified pairs and clusters move near-copies to
+rejects/ as `near_duplicate` and give documents near each other one split. Counts are then
 aggregated from the files themselves and `stats.json` is written last. Rows are input records (JSONL lines,
 Parquet rows, text files, unreadable files): rows_in = rows_out (documents kept) + rows_rejected, exactly.
 """
@@ -44,6 +48,7 @@ import pyarrow.compute as pc
 
 from transformllm_ray.config import Config, SourceConfig
 from transformllm_ray.console import say
+from transformllm_ray.ingest import neardup
 from transformllm_ray.dataops import UnitWorker, hash_shuffle, map_files, run_units, shuffle_partitions
 from transformllm_ray.resources import ingest_pool
 from transformllm_ray.schema import Chunk, Reject, make_reject, to_table
@@ -197,6 +202,7 @@ def process_shard(shard_id: str, files_json: str, cfg: Config, chunker) -> dict:
     chunks: list[Chunk] = []
     rejects: list[Reject] = []
     seen: dict[str, str] = {}
+    kept: list[tuple[str, str, str, str]] = []  # (doc_id, source, kind, text) for the near-dup signatures
     rows_in = docs_out = 0
     for wf in (WorkFile(**d) for d in json.loads(files_json)):
         for rec in read_file(wf, source_of(cfg, wf.kind).text_field, ic.excerpt_chars):
@@ -220,6 +226,8 @@ def process_shard(shard_id: str, files_json: str, cfg: Config, chunker) -> dict:
                 continue
             seen[doc_id] = rec.ref
             docs_out += 1
+            if ic.near_dup.enabled:
+                kept.append((doc_id, rec.ref, wf.kind, text))
             meta = json.dumps(rec.metadata, sort_keys=True, default=str)
             split = assign_split(doc_id, cfg.split)
             for pos, (body, n) in enumerate(chunker.split(text)):
@@ -227,10 +235,14 @@ def process_shard(shard_id: str, files_json: str, cfg: Config, chunker) -> dict:
                                     split=split, position=pos, text=body, n_tokens=n, metadata=meta))
     assert rows_in == docs_out + len(rejects)
     out = cfg.stage_dir(STAGE)
+    t_sig = time.time()
+    if ic.near_dup.enabled:
+        write_parquet_atomic(neardup.signature_table(kept, ic.near_dup), f"{out}/minhash/part-{shard_id}.parquet")
+    t_sig = time.time() - t_sig
     write_parquet_atomic(to_table(rejects, Reject), f"{out}/rejects/part-{shard_id}.parquet")
     write_parquet_atomic(to_table(chunks, Chunk), f"{out}/chunks/part-{shard_id}.parquet")
     return {"rows_in": rows_in, "docs_out": docs_out, "rejected": len(rejects), "chunks": len(chunks),
-            "seconds": round(time.time() - t0, 3)}
+            "minhash_seconds": round(t_sig, 3), "seconds": round(time.time() - t0, 3)}
 
 
 def run_phase1(cfg: Config, shards: list[dict], marker_dir: str) -> list[dict]:
@@ -362,19 +374,21 @@ def finalize(cfg: Config, shard_ids: list[str]) -> dict:
     # Parts of shards not in this plan (the input changed since an earlier run) would be read as
     # output: remove them.
     keep = {f"part-{sid}.parquet" for sid in shard_ids}
-    for sub in ("chunks", "rejects"):
+    for sub in ("chunks", "rejects", "minhash"):
         for uri in list_files(f"{out}/{sub}", ".parquet"):
             if os.path.basename(uri) not in keep:
                 remove(uri)
     moved = cross_shard_dedup(cfg, shard_ids)
-    return {"cross_shard_duplicates_moved": moved, **count_outputs(cfg, shard_ids)}
+    nd = cfg.ingest.near_dup
+    near = neardup.run(out, shard_ids, nd, cfg.split, cfg.ingest.excerpt_chars) if nd.enabled else None
+    return {"cross_shard_duplicates_moved": moved, "near_dup": near, **count_outputs(cfg, shard_ids)}
 
 
 def run(cfg: Config) -> dict:
     t0 = time.time()
     out = cfg.stage_dir(STAGE)
     marker_dir = f"{out}/_markers"
-    for d in (marker_dir, f"{out}/chunks", f"{out}/rejects"):
+    for d in (marker_dir, f"{out}/chunks", f"{out}/rejects", f"{out}/minhash"):
         makedirs(d)
         remove_temporaries(d)
 
@@ -383,6 +397,10 @@ def run(cfg: Config) -> dict:
     say(f"[ingest] {len(files)} files in {len(shards)} shards")
     counts = run_phase1(cfg, shards, marker_dir)
     final = finalize(cfg, [s["unit_id"] for s in shards])
+    if final["near_dup"]:
+        # time in the actors computing signatures (phase 1), summed over shards
+        final["near_dup"]["signature_seconds"] = round(sum(c["minhash_seconds"] for c in counts), 3)
+        log.info("ingest: near-duplicates %s", final["near_dup"])
     reasons = final["reject_reasons"]
     stats = write_stats(cfg, STAGE, {
         "rows_in": sum(c["rows_in"] for c in counts), "rows_out": final.pop("docs_out"),
