@@ -140,6 +140,13 @@ def test_demo_corpus_no_heldout_leakage(ray_local, tmp_path, planted):
           f"precision {precision:.3f} ({len(removed)} removed)")
     assert recall >= 0.95 and precision >= 0.9, (recall, precision)
 
+    # Rewritten parts keep the table's schema (its not-null fields too: Arrow refuses to concatenate otherwise).
+    from transformllm_ray.schema import Chunk, arrow_schema
+    from transformllm_ray.storage import list_files
+
+    for part in list_files(f"{out}/chunks", ".parquet"):
+        assert pq.read_schema(part).remove_metadata() == arrow_schema(Chunk).remove_metadata(), part
+
     # 4. A second pass finds the same clusters and changes nothing.
     before = (pq.read_table(f"{out}/chunks").sort_by("id"), pq.read_table(f"{out}/rejects").sort_by("ref"))
     again = neardup.run(out, [s["unit_id"] for s in ingest.plan_shards(ingest.list_work_files(cfg),

@@ -33,6 +33,9 @@ def test_report_shows_what_was_measured(ray_local, tmp_path):
     md = (out / "report.md").read_text()
     assert f"| ingest | {ing['rows_in']:,} | {ing['rows_out']:,} | {ing['rows_rejected']:,} |" in md
     assert "| convert | not run |" in md
+    nd = ing["near_dup"]
+    assert f"| near-duplicates removed (estimated Jaccard >= threshold) | {nd['removed']:,} |" in md
+    assert f"| near-duplicate clusters (largest) | {nd['clusters']:,} ({nd['largest_cluster']:,}) |" in md
     assert "| heldout_legal | 12.500 | 10.250 | -18.00% |" in md
     for png in ("accounting.png", "training.png", "eval.png", "stage_times.png"):
         assert (out / png).stat().st_size > 10_000, png

@@ -316,7 +316,8 @@ def apply_labels(uri: str, out: str, excerpt_chars: int) -> pa.Table:
     splits = kept["split"].to_pylist()
     fixed = [new_split.get(d, s) for d, s in zip(kept["doc_id"].to_pylist(), splits)]
     if firsts.num_rows or fixed != splits:
-        kept = kept.set_column(kept.schema.get_field_index("split"), "split", pa.array(fixed, pa.string()))
+        i = kept.schema.get_field_index("split")  # the field itself: the Chunk schema's not-null must stay
+        kept = kept.set_column(i, kept.schema.field(i), pa.array(fixed, pa.string()))
         write_parquet_atomic(kept, f"{out}/chunks/part-{shard}.parquet")
     return pa.table({"shard": [shard], "removed": [firsts.num_rows]})
 

@@ -207,6 +207,15 @@ def render_markdown(cfg: Config, data: dict, images: dict[str, str | None]) -> s
                   f"{_fmt(i['rows_out'])} documents -> {_fmt(i.get('chunks_out', 0))} chunks, "
                   f"{_fmt(i.get('tokens_out', 0))} tokens (tokenizer `{i.get('tokenizer')}`, "
                   f"<= {i.get('chunk_tokens')} tokens per chunk).", ""]
+        nd = i.get("near_dup")
+        if nd:  # data quality: what dedup took out, and what keeps the held-out set apart
+            held = i.get("by_kind_split", {}).get("domain", {}).get("heldout", {}).get("docs", 0)
+            lines += ["### Data quality", "", "| figure | value |", "|---|---:|",
+                      f"| exact duplicates removed | {_fmt(i.get('reject_reasons', {}).get('duplicate', 0))} |",
+                      f"| near-duplicates removed (estimated Jaccard >= threshold) | {_fmt(nd['removed'])} |",
+                      f"| near-duplicate clusters (largest) | {_fmt(nd['clusters'])} ({_fmt(nd['largest_cluster'])}) |",
+                      f"| documents given their cluster's split | {_fmt(nd['resplit'])} |",
+                      f"| held-out domain documents (none with a near-copy in train or val) | {_fmt(held)} |", ""]
     if "convert" in st:
         c = st["convert"]
         lines += ["## Convert", "", "| figure | value |", "|---|---:|"]
