@@ -98,8 +98,42 @@ def estimated_jaccard(a: bytes, b: bytes) -> float:
     return float((x == y).mean())
 
 
-def _order(kind: str, source: str) -> str:
-    return ("0" if kind == "domain" else "1") + source
+def copy_order(kind: pa.ChunkedArray, source: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The order that picks the kept copy, in exact and near dedup alike: domain before general, then input
+    reference (file and offset), so the choice does not depend on how files were cut into shards."""
+    return pc.binary_join_element_wise(pc.if_else(pc.equal(kind, "domain"), "0", "1"), source, "")
+
+
+def move_documents(out: str, shard: str, detail: dict[str, str], reason: str, excerpt_chars: int,
+                   new_split: dict[str, str] | None = None) -> int:
+    """Move the documents `detail` names (doc_id -> reject detail) of one shard from chunks/ to rejects/ under
+    `reason`, and give the documents in `new_split` that split; returns how many moved.
+
+    Idempotent under a kill between the two writes: rejects/ is written first and never gets the same
+    (ref, reason) row twice; chunks/ is rewritten only while something in it changes."""
+    chunks = read_parquet(f"{out}/chunks/part-{shard}.parquet")
+    rejects = read_parquet(f"{out}/rejects/part-{shard}.parquet")
+    is_gone = pc.is_in(chunks["doc_id"], value_set=pa.array(list(detail), pa.string()))
+    firsts = chunks.filter(pc.and_(is_gone, pc.equal(chunks["position"], 0)))
+    have = set(zip(rejects["ref"].to_pylist(), rejects["reason"].to_pylist()))
+    extra = [make_reject(STAGE, src, reason, detail[d], txt, excerpt_chars)
+             for d, src, txt in zip(*(firsts[c].to_pylist() for c in ("doc_id", "source", "text")))
+             if (src, reason) not in have]
+    if extra:
+        write_parquet_atomic(pa.concat_tables([rejects, to_table(extra, Reject)]),
+                             f"{out}/rejects/part-{shard}.parquet")
+    kept = chunks.filter(pc.invert(is_gone))
+    changed = firsts.num_rows > 0
+    if new_split:
+        splits = kept["split"].to_pylist()
+        fixed = [new_split.get(d, s) for d, s in zip(kept["doc_id"].to_pylist(), splits)]
+        if fixed != splits:
+            i = kept.schema.get_field_index("split")  # the field itself: the Chunk schema's not-null must stay
+            kept = kept.set_column(i, kept.schema.field(i), pa.array(fixed, pa.string()))
+            changed = True
+    if changed:
+        write_parquet_atomic(kept, f"{out}/chunks/part-{shard}.parquet")
+    return firsts.num_rows
 
 
 # ------------------------------------------------------------------------------------------------ 1. map
@@ -150,7 +184,7 @@ def map_shard(uri: str, rejects_dir: str, bands: int, rows: int, n: int) -> list
     sig = (np.frombuffer(b"".join(t["sig"].to_pylist()), dtype=np.uint32).reshape(t.num_rows, -1) if t.num_rows
            else np.zeros((0, bands * rows), np.uint32))
     hashes = band_hashes(sig, bands, rows)  # (docs, bands)
-    order = pa.array([_order(k, s) for k, s in zip(t["kind"].to_pylist(), t["source"].to_pylist())], pa.string())
+    order = copy_order(t["kind"], t["source"])
     which = np.repeat(np.arange(t.num_rows), bands)
     b = pa.table({"band": pa.array(hashes.reshape(-1), pa.uint64()), "doc_id": t["doc_id"].take(which),
                   "order": order.take(which), "shard": pa.array([shard] * len(which), pa.string())})
@@ -190,14 +224,7 @@ def attach_first(n: int, n_sig: int, *parts: pa.Table) -> list[pa.Table]:
     partition's signature parts) -> n tables partitioned by the second document."""
     sigs = _signatures(parts[:n_sig])
     pairs = pa.concat_tables(parts[n_sig:])
-    keys = pairs.select(["a", "b"]).to_pylist()
-    seen: set[tuple[str, str]] = set()
-    keep = []
-    for i, k in enumerate(keys):
-        if (k["a"], k["b"]) not in seen:
-            seen.add((k["a"], k["b"]))
-            keep.append(i)
-    pairs = pairs.take(pa.array(keep, pa.int64()))
+    pairs = pairs.group_by(pairs.column_names, use_threads=False).aggregate([])  # distinct (a pair per band)
     pairs = pairs.append_column("a_sig", pa.array([sigs[a] for a in pairs["a"].to_pylist()], pa.binary()))
     return _split_by(pairs, _part_of(pairs["b"], n), n)
 
@@ -291,35 +318,16 @@ def clusters(edges_dir: str, labels_dir: str, remove_threshold: float, split_jso
 
 
 # ------------------------------------------------------------------------------------------------ 5. apply
-def apply_labels(uri: str, out: str, excerpt_chars: int) -> pa.Table:
+def apply_labels(uri: str, out: str, excerpt_chars: int) -> int:
     """One shard's labels: removed documents' chunks -> rejects/ (`near_duplicate`), re-split documents get
-    their cluster's split. Rejects are written first and never get the same (ref, reason) row twice; chunks
-    are rewritten only while something in them changes (a kill between the two writes is safe)."""
+    their cluster's split (move_documents); returns how many moved."""
     shard = os.path.basename(uri)[len("part-"):-len(".parquet")]
     labels = read_parquet(uri)
     gone = labels.filter(pc.is_valid(labels["keeper"]))
     detail = {d: f"near-duplicate of {k} (estimated Jaccard {s:.2f})"
               for d, k, s in zip(*(gone[c].to_pylist() for c in ("doc_id", "keeper", "sim")))}
-    new_split = dict(zip(labels["doc_id"].to_pylist(), labels["split"].to_pylist()))
-    chunks = read_parquet(f"{out}/chunks/part-{shard}.parquet")
-    rejects = read_parquet(f"{out}/rejects/part-{shard}.parquet")
-    is_gone = pc.is_in(chunks["doc_id"], value_set=pa.array(list(detail), pa.string()))
-    firsts = chunks.filter(pc.and_(is_gone, pc.equal(chunks["position"], 0)))
-    have = set(zip(rejects["ref"].to_pylist(), rejects["reason"].to_pylist()))
-    extra = [make_reject(STAGE, src, REASON, detail[d], txt, excerpt_chars)
-             for d, src, txt in zip(*(firsts[c].to_pylist() for c in ("doc_id", "source", "text")))
-             if (src, REASON) not in have]
-    if extra:
-        write_parquet_atomic(pa.concat_tables([rejects, to_table(extra, Reject)]),
-                             f"{out}/rejects/part-{shard}.parquet")
-    kept = chunks.filter(pc.invert(is_gone))
-    splits = kept["split"].to_pylist()
-    fixed = [new_split.get(d, s) for d, s in zip(kept["doc_id"].to_pylist(), splits)]
-    if firsts.num_rows or fixed != splits:
-        i = kept.schema.get_field_index("split")  # the field itself: the Chunk schema's not-null must stay
-        kept = kept.set_column(i, kept.schema.field(i), pa.array(fixed, pa.string()))
-        write_parquet_atomic(kept, f"{out}/chunks/part-{shard}.parquet")
-    return pa.table({"shard": [shard], "removed": [firsts.num_rows]})
+    return move_documents(out, shard, detail, REASON, excerpt_chars,
+                          dict(zip(labels["doc_id"].to_pylist(), labels["split"].to_pylist())))
 
 
 def run(out: str, shard_ids: list[str], nd: NearDupConfig, split: SplitConfig, excerpt_chars: int) -> dict[str, Any]:

@@ -257,9 +257,8 @@ def _first_chunks(uri: str) -> pa.Table:
     text (domain before general, then input reference, i.e. file and offset), `shard` names the part."""
     t = read_parquet(uri, columns=["doc_id", "source", "kind", "position"])
     t = t.filter(pc.equal(t["position"], 0))
-    rank = pc.if_else(pc.equal(t["kind"], "domain"), "0", "1")
     shard = os.path.basename(uri)[len("part-"):-len(".parquet")]
-    return pa.table({"doc_id": t["doc_id"], "order": pc.binary_join_element_wise(rank, t["source"], ""),
+    return pa.table({"doc_id": t["doc_id"], "order": neardup.copy_order(t["kind"], t["source"]),
                      "shard": pa.array([shard] * t.num_rows, pa.string())})
 
 
@@ -304,24 +303,10 @@ def cross_shard_dedup(cfg: Config, shard_ids: list[str]) -> int:
 
 
 def drop_duplicates(out: str, sid: str, drop: dict[str, str], excerpt_chars: int) -> int:
-    """Move the documents `drop` (doc_id -> keeper ref) of one shard from chunks/ to rejects/.
-
-    Idempotent under a kill between the two writes: rejects/ is written first and never gets the same
-    (ref, duplicate) row twice; chunks/ is rewritten only while it still holds the documents.
-    """
-    chunks = read_parquet(f"{out}/chunks/part-{sid}.parquet")
-    rejects = read_parquet(f"{out}/rejects/part-{sid}.parquet")
-    is_dup = pc.is_in(chunks["doc_id"], value_set=pa.array(list(drop), pa.string()))
-    dups = chunks.filter(pc.and_(is_dup, pc.equal(chunks["position"], 0)))
-    have = {(r, c) for r, c in zip(rejects["ref"].to_pylist(), rejects["reason"].to_pylist())}
-    extra = [make_reject(STAGE, src, "duplicate", f"same text as {drop[d]}", txt, excerpt_chars)
-             for d, src, txt in zip(dups["doc_id"].to_pylist(), dups["source"].to_pylist(),
-                                    dups["text"].to_pylist()) if (src, "duplicate") not in have]
-    if extra:
-        write_parquet_atomic(pa.concat_tables([rejects, to_table(extra, Reject)]), f"{out}/rejects/part-{sid}.parquet")
-    if dups.num_rows:
-        write_parquet_atomic(chunks.filter(pc.invert(is_dup)), f"{out}/chunks/part-{sid}.parquet")
-    return dups.num_rows
+    """Move the documents `drop` (doc_id -> keeper ref) of one shard from chunks/ to rejects/ (`duplicate`),
+    idempotently (neardup.move_documents)."""
+    return neardup.move_documents(out, sid, {d: f"same text as {k}" for d, k in drop.items()}, "duplicate",
+                                  excerpt_chars)
 
 
 # ------------------------------------------------------------------------------------------------ counts
