@@ -10,7 +10,10 @@
    signature time divided by the actors that shared it), both from the stage's stats.
 3. Leakage, by brute force (exact Jaccard of 5-word shingle sets, every held-out document against every train
    or val document): held-out documents with a trainable one at >= 0.5, 0.8, 0.9, in each run.
-4. With --scale-tokens: the ingest stage on the scale benchmark's corpus of that size (benchmarks/scale.py),
+4. Contamination, in each run: train/val chunks sharing a 13-word n-gram with a held-out chunk (what pack's
+   decontamination rejects), with no cap on common n-grams, NeMo Curator's cap of 10 documents (our default),
+   and a cap of 1; and the lookup's words/s.
+5. With --scale-tokens: the ingest stage on the scale benchmark's corpus of that size (benchmarks/scale.py),
    near-dup on, its throughput and clusters.
 
 Prints one JSON summary; record it in benchmarks/RESULTS.md.
@@ -97,6 +100,40 @@ def leakage(out: str) -> dict:
             "max_jaccard": round(float(best.max(initial=0.0)), 3)}
 
 
+def contamination(out: str, n: int = 13, caps=(None, 10, 1)) -> dict:
+    """Train/val chunks sharing an n-gram with a held-out chunk (pack's decontamination, pack/decontam.py), by
+    kind, with eval n-grams found in more than `cap` training documents ignored (None: no cap); and the words/s
+    of the lookup (hashing included) in this process."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from transformllm_ray.pack.decontam import EvalIndex, NGramHasher, index_table, words
+
+    t = pq.read_table(f"{out}/ingest/chunks", columns=["id", "doc_id", "kind", "split", "text"])
+    held, train = t.filter(pc.equal(t["split"], "heldout")), t.filter(pc.not_equal(t["split"], "heldout"))
+    path = f"{out}/eval-index.parquet"
+    pq.write_table(index_table(zip(held["id"].to_pylist(), held["text"].to_pylist()), n), path)
+    idx, h = EvalIndex.load([path]), NGramHasher(n)
+    t0, n_words, rows = time.perf_counter(), 0, []
+    for kind, doc, text in zip(train["kind"].to_pylist(), train["doc_id"].to_pylist(), train["text"].to_pylist()):
+        ws = words(text)
+        n_words += len(ws)
+        rows.append((kind, doc, idx.hits(h.window_hashes(ws))))
+    secs = time.perf_counter() - t0
+    docs_of: dict[int, set] = {}
+    for _, doc, hit in rows:
+        for x in hit.tolist():
+            docs_of.setdefault(x, set()).add(doc)
+    res: dict = {"heldout_chunks": held.num_rows, "eval_ngrams": len(idx), "train_val_chunks":
+                 {k: sum(r[0] == k for r in rows) for k in ("domain", "general")},
+                 "lookup_words_per_s": round(n_words / secs)}
+    for cap in caps:
+        common = {x for x, d in docs_of.items() if cap is not None and len(d) > cap}
+        hit = [r for r in rows if any(x not in common for x in r[2].tolist())]
+        res[f"contaminated_max_matches_{cap}"] = {k: sum(r[0] == k for r in hit) for k in ("domain", "general")}
+    return res
+
+
 def ingest_run(cfg_dict: dict) -> dict:
     from transformllm_ray.config import config_from_dict
     from transformllm_ray.stage import run_stage
@@ -145,6 +182,7 @@ def main() -> None:
                    "ingest": {**base["ingest"], "near_dup": {"enabled": on}}}
             res = ingest_run(cfg)
             res["leakage"] = leakage(f"{work}/demo-{name}")
+            res["contamination_13_gram"] = contamination(f"{work}/demo-{name}")
             summary[f"demo_near_dup_{name}"] = res
             print(f"[dedup] demo, near-dup {name}: {json.dumps(res)}", flush=True)
         if args.scale_tokens:

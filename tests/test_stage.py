@@ -50,6 +50,8 @@ READERS: dict[str, tuple[str, ...]] = {
                                   "keep_checkpoints", "max_failures")},
     "train.wandb.": (),
     "eval.": ("eval",), "eval.batch_size": (),
+    # pack rejects the training rows that share n-grams with those eval items
+    "eval.decontaminate_paths": ("pack",), "eval.decontaminate_text_field": ("pack",),
     "ray.": (),
 }
 # Keys read only when another key has some value (the embedded default has it otherwise): flipped on top of it.
@@ -64,7 +66,8 @@ FLIPS: dict[str, list] = {
     "train.betas": [[0.8, 0.95]], "eval.lm_eval_tasks": [["hellaswag"]], "ray.address": ["auto"],
     "ray.num_cpus": [8], "ray.forward_env": [["X_*"]], "convert.vllm.engine_kwargs": [{"seed": 1}],
     "convert.vllm.env": [{"A": "1"}], "train.resume": ["never"], "convert.max_chunks": [33, None],
-    "ingest.near_dup.bands": [40], "ingest.near_dup.rows": [2],
+    "ingest.near_dup.bands": [40], "ingest.near_dup.rows": [2], "eval.decontaminate_paths": [["extra.jsonl"]],
+    "pack.decontaminate.max_matches": [11, None],
 }
 
 

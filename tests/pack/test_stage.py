@@ -16,27 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import start_cli_and_kill, write_config
+from tests.pack.conftest import GENERAL, INGEST, INPUT, SPLIT
 from transformllm_ray.config import load_config
-from transformllm_ray.ingest import stage as ingest
 from transformllm_ray.pack import stage as pack
 from transformllm_ray.stage import run_stage
 from transformllm_ray.storage import list_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEQ = 128
-INPUT = {"builtin": "licensedcode", "max_files": 80}
-GENERAL = {"builtin": "package-docs", "max_files": 120}  # enough general text for the val split to meet the mix
 PACK = {"include_raw_chunks": True, "mix_ratio": 0.5, "bucket_tokens": 20000}
-SPLIT = {"heldout_fraction": 0.1, "val_fraction": 0.1}
-INGEST = {"chunk_tokens": 512, "shard_bytes": 300_000}  # several ingest parts: several tokenising units
-
-
-@pytest.fixture(scope="module")
-def ingested(ray_local, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pack")
-    cfg = load_config(write_config(tmp, input=INPUT, general=GENERAL, ingest=INGEST, split=SPLIT))
-    ingest.run(cfg)
-    return cfg
 
 
 def _config(base_cfg, tmp_path, name, seed=0, stages=("ingest",), **over):
@@ -59,8 +47,14 @@ def _sequences(cfg, split="train"):
     return list(zip(t["sequence"].to_pylist(), t["input_ids"].to_pylist()))
 
 
-def test_pack_is_deterministic_and_accounts_for_every_token(ingested, tmp_path):
-    cfg1, s1 = _pack(ingested, tmp_path, "a")
+@pytest.fixture(scope="module")
+def packed(ingested, tmp_path_factory):
+    """One pack of the default test config, which several tests read (a pack is ~30 s of set-up here)."""
+    return _pack(ingested, tmp_path_factory.mktemp("packed"), "a")
+
+
+def test_pack_is_deterministic_and_accounts_for_every_token(ingested, packed, tmp_path):
+    cfg1, s1 = packed
     cfg2, s2 = _pack(ingested, tmp_path, "b")
     seqs = _sequences(cfg1)
     assert len(seqs) == s1["sequences_train"] > 10 and seqs == _sequences(cfg2)
@@ -80,8 +74,8 @@ def test_pack_is_deterministic_and_accounts_for_every_token(ingested, tmp_path):
     assert s3["domain_tokens"] == s1["domain_tokens"] and _sequences(cfg3) != seqs
 
 
-def test_no_document_in_two_splits_and_held_out_never_packed(ingested, tmp_path):
-    cfg, stats = _pack(ingested, tmp_path, "split")
+def test_no_document_in_two_splits_and_held_out_never_packed(packed):
+    cfg, stats = packed
     out = f"{cfg.output_dir}/pack"
     train_docs = {d for ds in pq.read_table(f"{out}/packed/train")["doc_ids"].to_pylist() for d in ds}
     val_docs = {d for ds in pq.read_table(f"{out}/packed/val")["doc_ids"].to_pylist() for d in ds}
@@ -95,7 +89,7 @@ def test_no_document_in_two_splits_and_held_out_never_packed(ingested, tmp_path)
 def test_documents_are_joined_with_eos(ingested, tmp_path):
     from transformllm_ray.models.assets import load_tokenizer
 
-    cfg, stats = _pack(ingested, tmp_path, "eos", mix_ratio=0.0)
+    cfg, stats = _pack(ingested, tmp_path, "eos", mix_ratio=0.0, decontaminate={"enabled": False})
     tok = load_tokenizer(cfg.pack_tokenizer)
     seqs = _sequences(cfg)
     buckets: dict[int, list[int]] = {}
@@ -129,7 +123,7 @@ def test_pack_group_unit(tmp_path):
 
 def test_raw_chunks_of_converted_documents_are_superseded(ingested, tmp_path):
     """Converted chunks replace the raw chunks of their whole document; raw chunks of other documents stay."""
-    path = _config(ingested, tmp_path, "raw")
+    path = _config(ingested, tmp_path, "raw", decontaminate={"enabled": False})  # rows rejected: its own test
     cfg = load_config(path)
     conv = run_stage(cfg, "convert")
     stats = pack.run(cfg)

@@ -13,3 +13,10 @@ class EvalConfig(Section):
     """Sequences per forward pass."""
     lm_eval_tasks: list[str] = []
     """Optional lm-eval-harness tasks (their data must be available locally)."""
+    decontaminate_paths: list[str] = []
+    """Eval items training must not contain (benchmark questions, a test set): JSONL/Parquet/text files, folders
+    or globs, local or object storage. Pack rejects training rows sharing a `pack.decontaminate.ngram_words`
+    n-gram with one of them as `contaminated`, naming the item (`file#B<offset>` or `file#R<row>`), as it
+    does for the held-out chunks, which are always checked."""
+    decontaminate_text_field: str = "text"
+    """Field of a JSONL/Parquet record of `decontaminate_paths` that holds the eval text."""

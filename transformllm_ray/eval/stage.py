@@ -36,7 +36,9 @@ def inputs(cfg: Config) -> dict:
     from transformllm_ray.models.assets import model_key
     from transformllm_ray.stage import section
 
-    return {**section(cfg.eval, "eval", exclude=["batch_size"]), "train.seq_len": cfg.train.seq_len,
+    # decontaminate_*: pack's (what training text may contain), not what eval scores.
+    return {**section(cfg.eval, "eval", exclude=["batch_size", "decontaminate_paths", "decontaminate_text_field"]),
+            "train.seq_len": cfg.train.seq_len,
             "pack.tokenizer": model_key(cfg.pack_tokenizer), "train.base_model": model_key(cfg.train.base_model)}
 SETS = {"heldout_legal": "domain", "general": "general"}
 """Eval set -> the `kind` of its held-out ingest chunks."""

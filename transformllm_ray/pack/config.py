@@ -9,6 +9,23 @@ from pydantic import Field
 from transformllm_ray.sections import Section
 
 
+class DecontamConfig(Section):
+    """Decontamination before training (pack/decontam.py): training rows sharing a long word n-gram with an
+    eval text (the held-out chunks, `eval.decontaminate_paths`) are rejected as `contaminated`."""
+
+    enabled: bool = True
+    """Check every row pack would train on (converted, raw, general, pack.domain_paths) against the eval texts."""
+
+    ngram_words: int = Field(default=13, ge=3)
+    """Words per n-gram (13, as NeMo Curator and DataTrove use): a row sharing one such run of words with an
+    eval text is contaminated. Words are runs of letters and digits of the lower-cased text."""
+
+    max_matches: Optional[int] = Field(default=10, ge=0)
+    """An eval n-gram found in more than this many training documents is common phrasing of the domain (a
+    licence's warranty disclaimer, a statute's standard clause), not a leak of one eval item, and is ignored
+    (NeMo Curator's max_matches, same default). None: every shared n-gram counts, common or not."""
+
+
 class PackConfig(Section):
     tokenizer: Optional[str] = None
     """Tokenizer of the model being trained; None = `train.base_model`."""
@@ -30,3 +47,5 @@ class PackConfig(Section):
     """Ray Data actors that tokenise pack's input files in parallel."""
     cpus_per_actor: float = Field(default=0.5, gt=0)
     """CPUs reserved per tokenising actor (fractional: see ingest.cpus_per_actor)."""
+    decontaminate: DecontamConfig = Field(default_factory=DecontamConfig)
+    """Rejection of training rows that share a long n-gram with eval text."""

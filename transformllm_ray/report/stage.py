@@ -215,7 +215,16 @@ def render_markdown(cfg: Config, data: dict, images: dict[str, str | None]) -> s
                       f"| near-duplicates removed (estimated Jaccard >= threshold) | {_fmt(nd['removed'])} |",
                       f"| near-duplicate clusters (largest) | {_fmt(nd['clusters'])} ({_fmt(nd['largest_cluster'])}) |",
                       f"| documents given their cluster's split | {_fmt(nd['resplit'])} |",
-                      f"| held-out domain documents (none with a near-copy in train or val) | {_fmt(held)} |", ""]
+                      f"| held-out domain documents (none with a near-copy in train or val) | {_fmt(held)} |"]
+            dc = st.get("pack", {}).get("decontamination")
+            if dc:  # pack's: training rows sharing an n-gram with eval text
+                kinds = ", ".join(f"{k} {_fmt(v)}" for k, v in dc["rows_rejected_by_kind"].items()) or "none"
+                lines += [f"| eval n-grams ({dc['ngram_words']} words) from {_fmt(dc['eval_items'])} eval items "
+                          f"({_fmt(dc['eval_files'])} user files) | {_fmt(dc['eval_ngrams'])} |",
+                          f"| of them common in training (> {dc['max_matches']} documents), ignored | "
+                          f"{_fmt(dc.get('common_ngrams_ignored', 0))} |",
+                          f"| training rows rejected as contaminated ({kinds}) | {_fmt(dc['rows_rejected'])} |"]
+            lines.append("")
     if "convert" in st:
         c = st["convert"]
         lines += ["## Convert", "", "| figure | value |", "|---|---:|"]
