@@ -74,16 +74,18 @@ def stage_prompts(cfg) -> list[list[int]]:
 
     import pyarrow as pa
 
+    from transformllm_ray.convert.prompts import prompt_spec
     from transformllm_ray.convert.select import chunks_ds, selection
     from transformllm_ray.convert.vllm_engine import PromptBuilder, expand_tasks, sampling_dict
 
     c = cfg.convert
     t = pa.Table.from_pylist(chunks_ds(selection(cfg)).take_all()).sort_by("id")
     batch = {k: np.array(t[k].to_pylist(), dtype=object) for k in ("id", "doc_id", "split", "text")}
-    tasks = expand_tasks(batch, domain=c.domain, version=c.prompt_version,
+    spec = prompt_spec(c.prompts, c.domain, c.prompt_version)
+    tasks = expand_tasks(batch, prompts=spec,
                          tasks_per_chunk=c.tasks_per_chunk, seed=cfg.seed, sampling=sampling_dict(c.sampling),
                          attempt=1)
-    b = PromptBuilder(c.model, c.domain, c.prompt_version, c.vllm.max_model_len)
+    b = PromptBuilder(c.model, spec, c.vllm.max_model_len)
     return [b.build(f, p, w, c.sampling.max_tokens)[0]
             for f, p, w in zip(tasks["family"], tasks["chunk_text"], tasks["words"])]
 
@@ -172,6 +174,7 @@ def main() -> None:
     import ray
 
     from benchmarks import shapes
+    from transformllm_ray.convert.prompts import prompt_spec
     from transformllm_ray.convert.vllm_engine import PromptBuilder, engine_kwargs
     from transformllm_ray.models.assets import resolve_model
     from transformllm_ray.stage import run_stage
@@ -195,7 +198,7 @@ def main() -> None:
     ekw = engine_kwargs(cfg, device)
     spec = {"model": model_path, "engine_kwargs": ekw, "prompts": prompts, "max_tokens": args.max_tokens,
             "ignore_eos": args.ignore_eos, "batch": args.hf_batch, "random": bool(args.shape),
-            "eos_ids": PromptBuilder(model, "legal", "v1", cfg.convert.vllm.max_model_len).eos_ids}
+            "eos_ids": PromptBuilder(model, prompt_spec(None, "legal", "v1"), cfg.convert.vllm.max_model_len).eos_ids}
     b = run_bare(BARE_VLLM, spec, tmp, "vllm")
     c = None if args.skip_hf else run_bare(BARE_HF, spec, tmp, "hf")
     shutil.rmtree(tmp, ignore_errors=True)

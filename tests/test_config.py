@@ -32,7 +32,7 @@ BASE = {"output_dir": "o", "input": {"builtin": "licensedcode"}}
     ({**BASE, "train": {"lrr": 1e-5}}, "train.lrr: unknown key"),
     ({**BASE, "ingest": {"chunk_tokens": "many"}}, "ingest.chunk_tokens: Input should be a valid integer"),
     ({"input": {"builtin": "licensedcode"}}, "output_dir: required value missing"),
-    ({**BASE, "convert": {"engine": "gpt"}}, "convert.engine: Input should be 'vllm' or 'regex'"),
+    ({**BASE, "convert": {"engine": "gpt"}}, "convert.engine: Input should be 'vllm', 'regex' or 'openai'"),
     ({**BASE, "train": {"warmup_steps": 100, "max_steps": 10}}, "train.warmup_steps: must be below train.max_steps"),
     ({"output_dir": "o", "input": {}}, "input: set `paths` or `builtin`"),
 ])

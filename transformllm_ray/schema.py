@@ -73,7 +73,7 @@ class Converted:
     task_families: str
     """Comma-separated task families, in order."""
     engine: str
-    """vllm or regex."""
+    """vllm, openai or regex."""
     model: str
     """Converter model name (or `regex`)."""
     model_revision: str
@@ -82,6 +82,8 @@ class Converted:
     """Prompt database version (`<domain>/<version>`)."""
     sampling: str
     """JSON of the sampling parameters used."""
+    response_ids: str
+    """JSON list of the endpoint's response ids, one per task (engine openai); empty for vllm and regex."""
     input_tokens: int
     """Prompt tokens sent to the engine, summed over tasks."""
     output_tokens: int

@@ -10,6 +10,7 @@ import sys
 
 from tests.helpers import write_config
 from transformllm_ray.config import load_config
+from transformllm_ray.convert.prompts import prompt_spec
 from transformllm_ray.convert.vllm_engine import PromptBuilder, build_engine, sampling_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,7 +34,7 @@ def _task_row(builder, cfg, i, text, family="summary"):
 
 def test_guard_and_per_row_engine_errors(ray_local, tmp_path, tiny_model, legal_texts):
     cfg = _cfg(tmp_path, tiny_model)
-    builder = PromptBuilder(tiny_model, "legal", "v1", max_model_len=256)
+    builder = PromptBuilder(tiny_model, prompt_spec(None, "legal", "v1"), max_model_len=256)
     long_text = max(legal_texts, key=len)
     rows = [_task_row(builder, cfg, i, t[:400]) for i, t in enumerate(legal_texts[:5])]
     guarded = _task_row(builder, cfg, 5, long_text)  # ~10k tokens: cut by the guard to fit 256 - 24
@@ -63,9 +64,10 @@ def test_guard_and_per_row_engine_errors(ray_local, tmp_path, tiny_model, legal_
 FINISH_SCRIPT = r"""
 import json, sys
 from vllm import LLM, SamplingParams
+from transformllm_ray.convert.prompts import prompt_spec
 from transformllm_ray.convert.vllm_engine import PromptBuilder, finish_reason
 model, texts = sys.argv[1], json.loads(sys.argv[2])
-b = PromptBuilder(model, "legal", "v1", max_model_len=1024)
+b = PromptBuilder(model, prompt_spec(None, "legal", "v1"), max_model_len=1024)
 prompts = [b.build(f, t, "", 128)[0] for t in texts for f in ("inference", "questions")]
 llm = LLM(model, dtype="bfloat16", max_model_len=1024, enforce_eager=True, kv_cache_memory_bytes=2**30)
 outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=128))

@@ -14,7 +14,7 @@ from transformllm_ray.storage import read_parquet
 
 
 def _conv(cid):
-    return {"id": cid, "doc_id": cid[:3], "split": "train", "text": "t", "raw_output": "[]", "task_families": "summary",
+    return {"id": cid, "doc_id": cid[:3], "split": "train", "text": "t", "raw_output": "[]", "task_families": "summary", "response_ids": "",
             "engine": "vllm", "model": "m", "model_revision": "r", "prompt_version": "legal/v1", "sampling": "{}",
             "input_tokens": 1, "output_tokens": 2, "finish_reason": "stop", "status": "ok", "attempts": 1,
             "seconds": 0.1}

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 
 import pytest
 import yaml
 
+from tests.helpers import write_config
+from transformllm_ray.config import ConfigError, load_config
 from transformllm_ray.convert.format import training_text
-from transformllm_ray.convert.prompts import PROMPTS_DIR, PromptError, available, load_prompts, sample_families
+from transformllm_ray.convert.prompts import (PROMPTS_DIR, PromptError, available, db_of, load_prompts, prompt_spec,
+                                              sample_families)
+from transformllm_ray.stage import stage_fingerprint
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER_FAMILIES = {"summary", "explanation", "inference", "questions", "word_to_text", "completion"}
 
 
@@ -38,19 +44,53 @@ def test_every_shipped_file_loads_and_matches_its_path():
 def test_unknown_version_and_broken_files_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(PromptError, match="no prompt database legal/v999"):
         load_prompts("legal", "v999")
-    # A copy of legal/v1 with one family lacking {passage} is refused, naming the family.
+
+
+def _user_file(tmp_path, edit=None, name="mine.yaml"):
+    """A user's prompt database: a copy of legal/v1 as another domain, edited by `edit(data)`."""
     data = yaml.safe_load(open(os.path.join(PROMPTS_DIR, "legal", "v1.yaml")))
-    data["domain"] = "broken"
-    data["families"]["summary"]["instruction"] = "Summarize."
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "v1.yaml").write_text(yaml.safe_dump(data))
-    monkeypatch.setattr("transformllm_ray.convert.prompts.PROMPTS_DIR", str(tmp_path))
-    load_prompts.cache_clear()
-    try:
-        with pytest.raises(PromptError, match="'summary'.*no \\{passage\\}"):
-            load_prompts("broken", "v1")
-    finally:
-        load_prompts.cache_clear()
+    data["domain"], data["version"] = "contracts", "draft"
+    if edit:
+        edit(data)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_a_users_prompt_file_is_checked_when_the_config_loads(tmp_path):
+    def load(path, **convert):
+        return load_config(write_config(tmp_path, convert={"engine": "regex", "prompts": path, **convert}))
+
+    def no_passage(d):
+        d["families"]["summary"]["instruction"] = "Summarize."
+
+    def typo(d):
+        d["families"]["summary"]["instruction"] += " {pasage}"
+
+    with pytest.raises(ConfigError, match="convert.prompts: family 'summary': instruction has no \\{passage\\}"):
+        load(_user_file(tmp_path, no_passage))
+    with pytest.raises(ConfigError, match="unknown placeholders \\['pasage'\\]"):
+        load(_user_file(tmp_path, typo))
+    with pytest.raises(ConfigError, match="convert.tasks_per_chunk: 9 but the prompt database contracts/draft@"):
+        load(_user_file(tmp_path), tasks_per_chunk=9)
+    with pytest.raises(ConfigError, match="convert.prompts: cannot read"):
+        load(str(tmp_path / "missing.yaml"))
+    # Its content is its version: an edit changes the tag rows carry and the stage fingerprint.
+    path = _user_file(tmp_path)
+    db = db_of(prompt_spec(path, "legal", "v1"))
+    sha = hashlib.sha256(open(path, "rb").read()).hexdigest()[:12]
+    assert db.domain == "contracts" and db.version_tag == f"contracts/draft@{sha}"
+    before = stage_fingerprint(load(path), "convert")
+    _user_file(tmp_path, lambda d: d["families"]["summary"].update(question="Summarise the contract above."))
+    assert stage_fingerprint(load(path), "convert") != before
+
+
+def test_the_shipped_contracts_example_loads():
+    cfg = load_config(os.path.join(REPO, "configs", "debug-local.yaml"),
+                      [f"convert.prompts={os.path.join(REPO, 'configs', 'prompts', 'contracts.yaml')}"])
+    db = db_of(prompt_spec(cfg.convert.prompts, cfg.convert.domain, cfg.convert.prompt_version))
+    assert db.domain == "contracts" and len(db.families) >= cfg.convert.tasks_per_chunk
+    assert set(db.families) == set(load_prompts("legal", "v1").families)  # every task type of the method
 
 
 def test_family_sampling_is_deterministic_and_covers_all_families():

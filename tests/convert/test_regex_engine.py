@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from transformllm_ray.convert.prompts import load_prompts
+from transformllm_ray.convert.prompts import load_prompts, prompt_spec
 from transformllm_ray.convert.regex_engine import RegexConverter, find_title, mine_candidates, select_tasks, sentences
 
 DB = load_prompts("legal", "v1")
@@ -70,7 +70,7 @@ def test_selection_is_deterministic_and_diverse(legal_texts):
 
 
 def test_converter_rows_and_no_task_reject(legal_texts):
-    conv = RegexConverter("legal", "v1", tasks_per_chunk=2, seed=0)
+    conv = RegexConverter(prompt_spec(None, "legal", "v1"), tasks_per_chunk=2, seed=0)
     batch = {"id": ["d1-0000", "d2-0000"], "doc_id": ["d1", "d2"], "split": ["train", "val"], "position": [0, 0],
              "text": [legal_texts[7], "1.0 2.0 3.0\n\n4.1 5.2"], "metadata": [json.dumps({"name": "A License"}), "{}"]}
     out = conv(batch)

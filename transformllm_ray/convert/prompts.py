@@ -98,36 +98,90 @@ def available() -> dict[str, list[str]]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def load_prompts(domain: str, version: str) -> PromptDB:
-    import yaml
-
+def package_file(domain: str, version: str) -> str:
     path = os.path.join(PROMPTS_DIR, domain, f"{version}.yaml")
     if not os.path.isfile(path):
         raise PromptError(f"no prompt database {domain}/{version} (convert.domain / convert.prompt_version); "
                           f"available: {available()}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    where = f"prompts/{domain}/{version}.yaml"
-    if data.get("domain") != domain or str(data.get("version")) != version:
-        raise PromptError(f"{where}: domain/version inside the file ({data.get('domain')}/{data.get('version')}) "
-                          "do not match its path")
+    return path
+
+
+def prompts_text(path: str | None, domain: str, version: str) -> str:
+    """The YAML text of the prompt database a config names: the user's file `convert.prompts` (local or on
+    object storage) or the package's `prompts/<domain>/<version>.yaml`. Resolved once on the driver and
+    handed to the stages as text: nodes share no disk."""
+    if path:
+        from transformllm_ray.storage import read_bytes
+
+        try:
+            return read_bytes(path).decode("utf-8")
+        except (OSError, FileNotFoundError) as e:
+            raise PromptError(f"convert.prompts: cannot read {path}: {e}") from None
+    with open(package_file(domain, version), encoding="utf-8") as f:
+        return f.read()
+
+
+def prompt_spec(path: str | None, domain: str, version: str) -> dict[str, str]:
+    """What a stage is given to rebuild the prompt database anywhere: {"text": the YAML, "where": the package
+    file's name, or "" for a user's file}. Resolved on the driver (`convert.prompts`, else domain/version)."""
+    return {"text": prompts_text(path, domain, version),
+            "where": "" if path else f"prompts/{domain}/{version}.yaml"}
+
+
+def db_of(spec: dict[str, str]) -> PromptDB:
+    return prompt_db(spec["text"], spec["where"])
+
+
+def load_prompts(domain: str, version: str) -> PromptDB:
+    """The package's prompt database (domain, version)."""
+    with open(package_file(domain, version), encoding="utf-8") as f:
+        return prompt_db(f.read(), where=f"prompts/{domain}/{version}.yaml")
+
+
+@functools.lru_cache(maxsize=16)
+def prompt_db(text: str, where: str = "") -> PromptDB:
+    """Parse and check a prompt database's YAML text. A package file (`where` given) is tagged
+    `<domain>/<version>`; a user's file `<domain>/<version>@<sha256 of its text, 12 hex>`: its content is its
+    version, so an edited file can never pass for the one data was made with."""
+    import yaml
+
+    user = not where
+    where = where or "convert.prompts"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise PromptError(f"{where}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise PromptError(f"{where}: a mapping with domain, version, families is expected")
+    domain, version = str(data.get("domain") or ""), str(data.get("version") or "")
+    if not domain or not version:
+        raise PromptError(f"{where}: needs `domain` and `version`")
+    if not user and where != f"prompts/{domain}/{version}.yaml":
+        raise PromptError(f"{where}: domain/version inside the file ({domain}/{version}) do not match its path")
     fams = data.get("families") or {}
-    if not fams:
+    if not isinstance(fams, dict) or not fams:
         raise PromptError(f"{where}: no families")
     families = {}
     for name, spec in fams.items():
-        missing = [k for k in REQUIRED_FAMILY_KEYS if not (spec or {}).get(k)]
+        missing = [k for k in REQUIRED_FAMILY_KEYS if not isinstance(spec, dict) or not spec.get(k)]
         if missing:
             raise PromptError(f"{where}: family {name!r} lacks {missing}")
         if "{passage}" not in spec["instruction"]:
             raise PromptError(f"{where}: family {name!r}: instruction has no {{passage}}")
+        unknown = set(re.findall(r"\{(\w+)\}", spec["instruction"] + spec["question"])) - {"passage", "words"}
+        if unknown:
+            raise PromptError(f"{where}: family {name!r}: unknown placeholders {sorted(unknown)} (known: "
+                              "{passage}, {words})")
+        if "{passage}" in spec["question"]:
+            raise PromptError(f"{where}: family {name!r}: the question is shown after the passage; no {{passage}}")
         families[name] = Family(name, spec["question"], spec["instruction"])
     fmt = data.get("format") or {}
     task_format = fmt.get("task", "Question: {question}\nAnswer: {answer}")
     if "{question}" not in task_format or "{answer}" not in task_format:
         raise PromptError(f"{where}: format.task needs {{question}} and {{answer}}")
     words = data.get("words") or {}
+    if user:
+        version = f"{version}@{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     return PromptDB(domain=domain, version=version, families=families, system=data.get("system"),
                     task_format=task_format, separator=fmt.get("separator", "\n\n"),
                     word_count=int(words.get("word_count", 3)),

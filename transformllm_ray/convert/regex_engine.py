@@ -29,7 +29,7 @@ from transformllm_ray.config import Config
 from transformllm_ray.console import progress, say
 from transformllm_ray.convert.format import training_text
 from transformllm_ray.convert.ledger import EXCERPT, STAGE, Ledger
-from transformllm_ray.convert.prompts import PromptDB, chunk_rng, load_prompts
+from transformllm_ray.convert.prompts import PromptDB, chunk_rng, db_of
 from transformllm_ray.dataops import BatchUDF
 from transformllm_ray.resources import convert_pools
 from transformllm_ray.schema import make_reject
@@ -163,8 +163,8 @@ class RegexConverter(BatchUDF):
 
     input_columns = ("id", "doc_id", "split", "text", "position", "metadata")
 
-    def __init__(self, domain: str, version: str, tasks_per_chunk: int, seed: int):
-        self.db = load_prompts(domain, version)
+    def __init__(self, prompts: dict[str, str], tasks_per_chunk: int, seed: int):
+        self.db = db_of(prompts)
         self.n = tasks_per_chunk
         self.seed = seed
 
@@ -207,9 +207,9 @@ class RegexCommitStage(BatchUDF):
 
     input_columns = ("id", "doc_id", "split", "text", "position", "metadata")
 
-    def __init__(self, out_dir: str, fingerprint: str, domain: str, version: str, tasks_per_chunk: int,
+    def __init__(self, out_dir: str, fingerprint: str, prompts: dict[str, str], tasks_per_chunk: int,
                  seed: int):
-        self.conv = RegexConverter(domain, version, tasks_per_chunk, seed)
+        self.conv = RegexConverter(prompts, tasks_per_chunk, seed)
         self.ledger = Ledger(out_dir, fingerprint)
         tag = self.conv.db.version_tag
         self.base = {"engine": "regex", "model": "regex", "model_revision": tag, "prompt_version": tag}
@@ -225,7 +225,7 @@ class RegexCommitStage(BatchUDF):
                 converted.append({
                     "id": r["id"], "doc_id": r["doc_id"], "split": r["split"], "text": r["text"],
                     "raw_output": r["raw_output"], "task_families": r["task_families"], **self.base,
-                    "sampling": "{}", "input_tokens": 0, "output_tokens": 0, "finish_reason": r["finish_reason"],
+                    "sampling": "{}", "response_ids": "", "input_tokens": 0, "output_tokens": 0, "finish_reason": r["finish_reason"],
                     "status": "ok", "attempts": 1, "seconds": round(r["gen_seconds"], 4)})
             else:
                 rejects.append(make_reject(STAGE, r["id"], r["status"], r["detail"], r["excerpt"], EXCERPT).__dict__)
@@ -234,10 +234,10 @@ class RegexCommitStage(BatchUDF):
         return {"id": list(res["id"]), "status": list(res["status"]), "commit": [key] * n}
 
 
-def regex_pass(cfg: Config, ds, todo: int, ledger: Ledger) -> dict[str, Any]:
+def regex_pass(cfg: Config, ds, todo: int, ledger: Ledger, prompts: dict[str, str]) -> dict[str, Any]:
     c = cfg.convert
     ds = ds.map_batches(RegexCommitStage, fn_constructor_kwargs={
-        "out_dir": ledger.out, "fingerprint": ledger.fingerprint, "domain": c.domain, "version": c.prompt_version,
+        "out_dir": ledger.out, "fingerprint": ledger.fingerprint, "prompts": prompts,
         "tasks_per_chunk": c.tasks_per_chunk, "seed": cfg.seed},
         **convert_pools(cfg, "cpu")["regex"].actor_pool(), batch_size=max(1, c.rows_per_file))
     t0 = time.time()

@@ -27,15 +27,16 @@ the stage fails before writing stats.json (its completion marker): rows_in = row
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any
 
 from transformllm_ray.config import Config
 from transformllm_ray.console import say
-from transformllm_ray.convert.assemble import vllm_pass
-from transformllm_ray.convert.ledger import PENDING_SCHEMA, STAGE, Ledger, reconcile
-from transformllm_ray.convert.prompts import load_prompts, sample_families
+from transformllm_ray.convert.assemble import engine_pass
+from transformllm_ray.convert.ledger import PENDING_SCHEMA, SCHEMA_VERSION, STAGE, Ledger, reconcile
+from transformllm_ray.convert.prompts import db_of, prompt_spec, sample_families
 from transformllm_ray.convert.regex_engine import regex_pass
 from transformllm_ray.convert.select import Selection, anti_join, chunk_schema, chunks_ds, selection
 from transformllm_ray.dataops import map_files
@@ -54,16 +55,23 @@ def inputs(cfg: Config) -> dict:
     from transformllm_ray.stage import section
 
     c = cfg.convert
-    out = {"seed": cfg.seed, **section(c, "convert", exclude=[
-        "model", "model_revision", "sampling", "retry_sampling", "quality", "vllm", "rows_per_file",
-        "retry_rejected"])}
+    spec = prompt_spec(c.prompts, c.domain, c.prompt_version)
+    out = {"seed": cfg.seed, "convert.schema": SCHEMA_VERSION,
+           # the prompt database by content: a user's file is hashed, not its path
+           "convert.prompts": db_of(spec).version_tag, "convert.prompts_sha256": hashlib.sha256(
+               spec["text"].encode()).hexdigest(),
+           **section(c, "convert", exclude=[
+               "model", "model_revision", "sampling", "retry_sampling", "quality", "vllm", "openai", "rows_per_file",
+               "retry_rejected", "prompts", "domain", "prompt_version"])}
     if c.engine == "regex":  # one deterministic regex pass: no model, decoding, gate or retry
         return out
-    out.update({"convert.model": model_key(c.model, c.model_revision), "convert.retry_rejected": c.retry_rejected,
+    # The endpoint's address, key, clients and limits change how fast, not what: the served model name does.
+    model = (c.openai.model or c.model) if c.engine == "openai" else model_key(c.model, c.model_revision)
+    out.update({"convert.model": model, "convert.retry_rejected": c.retry_rejected,
                 **section(c.sampling, "convert.sampling"), **section(c.quality, "convert.quality"),
-                **section(c.vllm, "convert.vllm", exclude=[
+                **(section(c.vllm, "convert.vllm", exclude=[
                     "num_engines", "batch_size", "gpu_memory_utilization", "cpu_kvcache_gib", "cpus_per_engine",
-                    "max_restarts", "max_concurrent_batches", "enforce_eager", "env"])})
+                    "max_restarts", "max_concurrent_batches", "enforce_eager", "env"]) if c.engine == "vllm" else {})})
     if c.retry_rejected:
         out.update(section(c.retry_sampling, "convert.retry_sampling"))
     return out
@@ -86,11 +94,24 @@ def retry_ds(ledger: Ledger):
     return anti_join(ds, done, PENDING_SCHEMA) if done is not None else ds
 
 
+def _retry(cfg: Config, ledger: Ledger, db, engine: dict, extra: dict) -> list[dict]:
+    """Pass 2 (with convert.retry_rejected): the failed tasks of the pending chunks, with retry_sampling."""
+    if not cfg.convert.retry_rejected:
+        return []
+    _, waiting = ledger.counts()
+    if not waiting:
+        return []
+    say(f"[convert] pass 2: retrying the failed tasks of {waiting} chunks with convert.retry_sampling")
+    extra["retried_chunks"] = waiting
+    return [engine_pass(cfg, retry_ds(ledger), waiting, 2, ledger, db, engine)]
+
+
 # ------------------------------------------------------------------------------------------- run
 def run(cfg: Config) -> dict:
     t0 = time.time()
     c = cfg.convert
-    db = load_prompts(c.domain, c.prompt_version)
+    spec = prompt_spec(c.prompts, c.domain, c.prompt_version)
+    db = db_of(spec)
     sample_families("check", c.tasks_per_chunk, db.family_names)  # fails early if tasks_per_chunk > families
     ledger = Ledger(cfg.stage_dir(STAGE), stage_fingerprint(cfg, STAGE))
     removed = ledger.recover()
@@ -110,7 +131,19 @@ def run(cfg: Config) -> dict:
     if c.engine == "regex":
         extra.update(model="regex", model_revision=db.version_tag, device="cpu")
         if n_todo:
-            passes.append(regex_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, ledger))
+            passes.append(regex_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, ledger, spec))
+    elif c.engine == "openai":
+        from transformllm_ray.convert.openai_engine import endpoint_label
+
+        o = c.openai
+        served = o.model or c.model
+        engine = {"kind": "openai", "model": served, "revision": endpoint_label(o.base_url), "prompts": spec}
+        extra.update(model=served, model_revision=engine["revision"], device="endpoint")
+        if n_todo:
+            say(f"[convert] pass 1: {n_todo} chunks x {c.tasks_per_chunk} tasks to {served} at "
+                f"{engine['revision']} ({o.num_clients} client(s) x {o.max_concurrency} requests)")
+            passes.append(engine_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, 1, ledger, db, engine))
+        passes += _retry(cfg, ledger, db, engine, extra)
     else:
         from transformllm_ray.models.assets import model_revision, resolve_model
 
@@ -119,18 +152,13 @@ def run(cfg: Config) -> dict:
         device = convert_device(cfg, cluster_gpus())
         check_convert_room(cfg, device)
         extra.update(model=c.model, model_revision=revision, device=device)
+        engine = {"kind": "vllm", "model": c.model, "revision": revision, "prompts": spec, "model_path": model_path,
+                  "device": device}
         if n_todo:
             say(f"[convert] pass 1: {n_todo} chunks x {c.tasks_per_chunk} tasks on {c.vllm.num_engines} "
                 f"{device} engine(s) of {c.model}")
-            passes.append(vllm_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, 1, ledger, db, model_path, device,
-                                    revision))
-        if c.retry_rejected:
-            _, waiting = ledger.counts()
-            if waiting:
-                say(f"[convert] pass 2: retrying the failed tasks of {waiting} chunks with "
-                    "convert.retry_sampling")
-                extra["retried_chunks"] = waiting
-                passes.append(vllm_pass(cfg, retry_ds(ledger), waiting, 2, ledger, db, model_path, device, revision))
+            passes.append(engine_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, 1, ledger, db, engine))
+        passes += _retry(cfg, ledger, db, engine, extra)
     final = reconcile(ledger, sel)
     markers = ledger.markers()
     run_out = sum(p["output_tokens"] for p in passes)

@@ -39,7 +39,7 @@ from typing import Any
 
 from transformllm_ray.config import Config
 from transformllm_ray.convert.config import QualityConfig, SamplingConfig
-from transformllm_ray.convert.prompts import load_prompts, sample_families
+from transformllm_ray.convert.prompts import db_of, sample_families
 from transformllm_ray.convert.quality import check_output
 from transformllm_ray.dataops import BatchUDF
 from transformllm_ray.resources import convert_pools
@@ -63,7 +63,7 @@ def request_seed(sampling_seed: int, chunk_id: str, task_index: int, attempt: in
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
-def expand_tasks(batch: dict[str, Any], *, domain: str, version: str, tasks_per_chunk: int,
+def expand_tasks(batch: dict[str, Any], *, prompts: dict[str, str], tasks_per_chunk: int,
                  seed: int, sampling: dict, attempt: int) -> dict[str, list]:
     """Chunk rows -> task rows (the caller selects the chunks: convert/select.py).
 
@@ -71,7 +71,7 @@ def expand_tasks(batch: dict[str, Any], *, domain: str, version: str, tasks_per_
     attempt 2 (retry): input columns id, doc_id, split, text, tasks (JSON of the first attempt's task results);
     one row per task that failed the quality gate, carrying the first attempt in `prev`.
     """
-    db = load_prompts(domain, version)
+    db = db_of(prompts)
     out: dict[str, list] = {c: [] for c in TASK_COLUMNS}
 
     def emit(cid, doc, split, text, n, i, fam, words, prev):
@@ -108,11 +108,11 @@ class PromptBuilder(BatchUDF):
 
     input_columns = ("chunk_id", "chunk_text", "task_index", "family", "words", "attempt", "sampling")
 
-    def __init__(self, model: str, domain: str, version: str, max_model_len: int):
+    def __init__(self, model: str, prompts: dict[str, str], max_model_len: int):
         from transformllm_ray.models.assets import load_tokenizer
 
         self.tok = load_tokenizer(model)
-        self.db = load_prompts(domain, version)
+        self.db = db_of(prompts)
         self.max_model_len = max_model_len
         eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
         self.eos_ids = sorted(eos | set(_generation_eos(model)))
@@ -272,13 +272,12 @@ def build_engine(cfg: Config, model_path: str, device: str):
     return proc
 
 
-def engine_pipeline(ds, cfg: Config, model: str, model_path: str, device: str):
+def engine_pipeline(ds, cfg: Config, model: str, model_path: str, device: str, prompts: dict[str, str]):
     """Task rows -> gated task rows (lazy Ray Data dataset)."""
     v = cfg.convert.vllm
     ds = ds.map_batches(
         PromptBuilder,
-        fn_constructor_kwargs={"model": model, "domain": cfg.convert.domain, "version": cfg.convert.prompt_version,
-                               "max_model_len": v.max_model_len},
+        fn_constructor_kwargs={"model": model, "prompts": prompts, "max_model_len": v.max_model_len},
         batch_size=v.batch_size, **convert_pools(cfg, device)["prompt"].actor_pool(),
     )
     # Blocks of one engine batch each: small inputs otherwise land in one block and one engine gets all.
