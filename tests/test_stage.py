@@ -38,6 +38,8 @@ READERS: dict[str, tuple[str, ...]] = {
     "convert.model": ("ingest", "convert"),  # ingest chunks with the converter's tokenizer (ingest.tokenizer unset)
     "convert.rows_per_file": (),             # groups commits; the rows are the same
     "convert.vllm.": ("convert",),
+    "convert.openai.": (),                   # where and how fast the endpoint is asked, not what it answers
+    "convert.openai.model": ("convert",),    # the served model (with engine openai)
     **{f"convert.vllm.{k}": () for k in ("num_engines", "batch_size", "gpu_memory_utilization", "cpu_kvcache_gib",
                                          "cpus_per_engine", "max_restarts", "max_concurrent_batches",
                                          "enforce_eager", "env")},
@@ -55,7 +57,8 @@ READERS: dict[str, tuple[str, ...]] = {
     "ray.": (),
 }
 # Keys read only when another key has some value (the embedded default has it otherwise): flipped on top of it.
-CONDITIONAL = {"ingest.tokenizer": {"convert.model": "org/converter"}}
+CONDITIONAL = {"ingest.tokenizer": {"convert.model": "org/converter"},
+               "convert.openai.model": {"convert.engine": "openai", "convert.openai.base_url": "http://h:8000/v1"}}
 
 # Values a flip sets where "the current value changed a little" is not valid or not meaningful.
 FLIPS: dict[str, list] = {
@@ -68,6 +71,8 @@ FLIPS: dict[str, list] = {
     "convert.vllm.env": [{"A": "1"}], "train.resume": ["never"], "convert.max_chunks": [33, None],
     "ingest.near_dup.bands": [40], "ingest.near_dup.rows": [2], "eval.decontaminate_paths": [["extra.jsonl"]],
     "pack.decontaminate.max_matches": [11, None],
+    "convert.prompts": ["mine.yaml"], "convert.openai.base_url": ["http://h:8000/v1"],
+    "convert.openai.model": ["served"], "convert.openai.requests_per_s": [5.0],
 }
 
 
@@ -166,6 +171,18 @@ def input_files(tmp_path, monkeypatch):
     for name in ("a.jsonl", "extra.jsonl"):
         (tmp_path / name).write_text('{"text": "x"}\n')
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "d.parquet")
+    # Prompt databases to flip to: a user's file, and package files for another domain and version.
+    import yaml
+
+    from transformllm_ray.convert import prompts
+
+    legal = yaml.safe_load(open(os.path.join(prompts.PROMPTS_DIR, "legal", "v1.yaml")))
+    for domain, version in (("legal", "v1"), ("legal", "v1x"), ("legalx", "v1")):
+        (tmp_path / "prompts" / domain).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "prompts" / domain / f"{version}.yaml").write_text(
+            yaml.safe_dump({**legal, "domain": domain, "version": version}))
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**legal, "domain": "mine"}))
+    monkeypatch.setattr(prompts, "PROMPTS_DIR", str(tmp_path / "prompts"))
     return tmp_path
 
 
