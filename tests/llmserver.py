@@ -82,10 +82,13 @@ class VllmServer:
 class FaultProxy:
     """HTTP proxy on loopback: request i gets `faults[i % len(faults)]`: ok (forwarded), 429 (with
     Retry-After: 0), 500, hang (no answer for `hang_s`, then the connection is closed) or drop (the
-    connection is closed before any answer)."""
+    connection is closed before any answer). With `authorization`, forwarded requests carry that header
+    instead of the client's (a gateway holding the upstream's key)."""
 
-    def __init__(self, upstream: str, faults: list[str], hang_s: float = 8.0, fail_always: tuple[str, ...] = ()):
+    def __init__(self, upstream: str, faults: list[str], hang_s: float = 8.0, fail_always: tuple[str, ...] = (),
+                 authorization: str | None = None):
         self.upstream, self.faults, self.hang_s, self.fail_always = upstream, faults, hang_s, fail_always
+        self.authorization = authorization  # set: a gateway that adds the upstream's key itself
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.served: collections.Counter[str] = collections.Counter()
@@ -117,6 +120,9 @@ class FaultProxy:
             request.transport.close()
             raise asyncio.CancelledError
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+        if self.authorization:
+            headers = {**{k: v for k, v in headers.items() if k.lower() != "authorization"},
+                       "Authorization": self.authorization}
         async with aiohttp.ClientSession() as s:
             async with s.request(request.method, self.upstream + request.path_qs, data=body, headers=headers) as r:
                 return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)

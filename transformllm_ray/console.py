@@ -145,7 +145,7 @@ class Progress:
         parts = [f"[{self.stage}] {self.done:,}" + (f"/{self.total:,}" if self.total else "") + f" {self.unit}",
                  f"{rate:,.2f} {self.unit}/s" if rate < 10 else f"{rate:,.0f} {self.unit}/s"]
         for k, v in self.counters.items():
-            parts.append(f"{k} {_fmt_count(v)}" if k != "loss" else f"loss {v:.3f}")
+            parts.append(f"loss {v:.3f}" if k == "loss" else f"cost {v:,.2f}" if k == "cost" else f"{k} {_fmt_count(v)}")
             if k == "tokens":
                 parts.append(f"{_fmt_count((v - tok_ref) / elapsed)} tokens/s")
         if self.total and rate > 0 and self.done < self.total:

@@ -19,6 +19,7 @@ import os
 import re
 
 from transformllm_ray.config import Config
+from transformllm_ray.convert.config import cost_of
 from transformllm_ray.resources import describe
 
 CHARS_PER_TOKEN = 4.2
@@ -76,6 +77,11 @@ def corpus_tokens(cfg: Config) -> tuple[float, str]:
     return size / CHARS_PER_TOKEN, f"{size:,} input bytes / {CHARS_PER_TOKEN} chars per token (compressed inputs: more)"
 
 
+PROMPT_OVERHEAD_TOKENS = 100
+"""Instruction and chat template around the passage in one task's prompt (legal/v1 with SmolLM2's template:
+~60-100 tokens)."""
+
+
 def estimate(cfg: Config) -> dict:
     figs = measured_figures()
     tokens, tok_src = corpus_tokens(cfg)
@@ -94,6 +100,9 @@ def estimate(cfg: Config) -> dict:
         tps_src = "vLLM published ~6k output tok/s for 8B on one H100, scaled by 8B/params (capped 8x)"
     conv_gpus = cfg.convert.vllm.num_engines * cfg.convert.vllm.tensor_parallel_size
     conv_gpu_h = out_tokens / gpu_tps / 3600 * cfg.convert.vllm.tensor_parallel_size
+    # Prompt tokens: the chunk plus the instruction and chat template (~100 tokens), once per task.
+    in_tokens = chunks * cfg.convert.tasks_per_chunk * (cfg.ingest.chunk_tokens * 0.8 + PROMPT_OVERHEAD_TOKENS)
+    cost = cost_of(cfg.convert, in_tokens, out_tokens, conv_gpu_h / max(conv_gpus, 1) * 3600)
 
     params, p_src = model_params(cfg.train.base_model)
     t = cfg.train
@@ -109,7 +118,8 @@ def estimate(cfg: Config) -> dict:
         "convert_output_tokens_per_task": out_per_task, "converter_params": conv_params,
         "converter_params_source": conv_src, "convert_tokens_per_s_per_gpu": gpu_tps,
         "convert_tokens_per_s_source": tps_src, "convert_gpus": conv_gpus, "convert_gpu_hours": conv_gpu_h,
-        "convert_wall_hours": conv_gpu_h / max(conv_gpus, 1),
+        "convert_wall_hours": conv_gpu_h / max(conv_gpus, 1), "convert_input_tokens": in_tokens,
+        "convert_cost": cost,
         "train_tokens": train_tokens, "tokens_per_step": tokens_per_step, "train_params": params,
         "train_params_source": p_src, "train_mfu": mfu,
         "train_mfu_source": "benchmarks/RESULTS.md" if "train_mfu_gpu" in figs else "assumed 0.40 (published FSDP range)",
@@ -127,7 +137,13 @@ def print_plan(cfg: Config) -> dict:
           f"{e['convert_output_tokens_per_task']:.0f} output tokens = {e['convert_output_tokens']:,.0f} output tokens")
     print(f"    converter {cfg.convert.model}: {e['converter_params'] / 1e9:.2f}B params  [{e['converter_params_source']}]")
     print(f"    {e['convert_tokens_per_s_per_gpu']:,.0f} output tokens/s per GPU  [{e['convert_tokens_per_s_source']}]")
-    print(f"    {e['convert_gpu_hours']:,.1f} GPU-hours; {e['convert_gpus']} GPUs -> {e['convert_wall_hours']:,.2f} h wall")
+    if cfg.convert.engine == "vllm":
+        print(f"    {e['convert_gpu_hours']:,.1f} GPU-hours; {e['convert_gpus']} GPUs -> {e['convert_wall_hours']:,.2f} h wall")
+    p = cfg.convert.cost
+    budget = f"; convert.max_cost {cfg.convert.max_cost:,.2f}" if cfg.convert.max_cost else ""
+    print(f"    expected cost {e['convert_cost']:,.2f} {p.currency}: {e['convert_input_tokens']:,.0f} input tokens x "
+          f"{p.input_per_million:g} + {e['convert_output_tokens']:,.0f} output tokens x {p.output_per_million:g} per "
+          f"million" + (f" + GPU-hours x {p.gpu_hour:g}" if cfg.convert.engine == "vllm" else "") + budget)
     print(f"  train: {cfg.train.max_steps:,} steps x {e['tokens_per_step']:,} tokens = {e['train_tokens']:,.0f} tokens")
     print(f"    {cfg.train.base_model}: {e['train_params'] / 1e9:.2f}B params  [{e['train_params_source']}]")
     print(f"    MFU {e['train_mfu']:.2f} [{e['train_mfu_source']}] x peak {e['peak_flops'] / 1e12:.0f} TFLOP/s "

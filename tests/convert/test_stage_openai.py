@@ -74,12 +74,12 @@ def test_the_client_sends_the_key_isolates_errors_and_keeps_the_rate(server, mon
     assert time.time() - t0 >= 1.25 and "engine_error" not in out["status"]
 
 
-def _config(tmp_path, base_url, max_chunks, tokenizer):
+def _config(tmp_path, base_url, max_chunks, tokenizer, openai=None, **convert):
     # convert.model names the tokenizer that bounds chunks (ingest.tokenizer unset); openai.model is served.
     conv = {"engine": "openai", "model": tokenizer, "max_chunks": max_chunks, "tasks_per_chunk": 2,
             "rows_per_file": 2, "sampling": {"max_tokens": 24, "temperature": 1.0}, "quality": LENIENT,
             "openai": {"base_url": base_url, "model": SERVED, "api_key_env": KEY_ENV, "max_concurrency": 4,
-                       "batch_size": 4, "max_retries": 4, "timeout_s": 4.0}}
+                       "batch_size": 4, "max_retries": 4, "timeout_s": 4.0, **(openai or {})}, **convert}
     return write_config(tmp_path, input={"builtin": "licensedcode", "max_files": 60}, ingest={"chunk_tokens": 200},
                         convert=conv)
 
@@ -134,3 +134,34 @@ def test_endpoint_through_faults_killed_and_rerun_holds_every_chunk_once(ray_loc
         for f in files:
             assert KEY.encode() not in open(os.path.join(root, f), "rb").read(), os.path.join(root, f)
     assert KEY not in rerun.stdout + rerun.stderr
+
+
+def test_a_budget_stops_cleanly_and_a_higher_one_continues(ray_local, server, tmp_path, tiny_model):
+    """convert.max_cost: the run stops after the commit that reaches it (nothing half-done, no stats.json); a
+    rerun with the same budget starts no engine; a higher one converts the rest. The cost is what the
+    committed tokens cost at the configured prices."""
+    from transformllm_ray.convert.assemble import BudgetReached
+
+    # The workers of this test's Ray lack the key: a gateway in front of the server adds it.
+    proxy = FaultProxy(server.url, ["ok"], authorization=f"Bearer {KEY}").start()
+    prices = {"input_per_million": 1000.0, "output_per_million": 2000.0, "currency": "EUR"}
+
+    def config(max_cost):
+        return load_config(_config(tmp_path, proxy.url + "/v1", 8, tiny_model, openai={"api_key_env": None},
+                                   cost=prices, max_cost=max_cost))
+
+    try:
+        cfg = config(0.05)  # a task's prompt alone costs more: the first commit passes it
+        run_stage(cfg, "ingest")
+        with pytest.raises(BudgetReached, match="EUR spent of 0.0500 EUR; 2 chunks committed"):
+            run_stage(cfg, "convert")
+        assert not os.path.exists(f"{cfg.output_dir}/convert/stats.json")
+        with pytest.raises(BudgetReached, match="2 chunks committed"):
+            run_stage(cfg, "convert")
+        stats = run_stage(config(1000.0), "convert")
+    finally:
+        proxy.stop()
+    assert stats["resumed_done"] == 2 and stats["rows_in"] == 8 == stats["rows_out"] + stats["rows_rejected"]
+    expected = (stats["input_tokens"] * 1000.0 + stats["output_tokens"] * 2000.0) / 1e6
+    assert stats["input_tokens"] > 0 and stats["cost"]["total"] == pytest.approx(expected, rel=1e-6)
+    assert stats["cost"]["currency"] == "EUR" and stats["cost"]["max_cost"] == 1000.0

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 from transformllm_ray.config import Config
 from transformllm_ray.console import Progress, progress
+from transformllm_ray.convert.config import ConvertConfig, cost_of
 from transformllm_ray.convert.format import training_text
 from transformllm_ray.convert.ledger import EXCERPT, STAGE, Ledger
 from transformllm_ray.convert.prompts import PromptDB
@@ -123,12 +124,45 @@ class ChunkAssembler:
         return "reject", make_reject(STAGE, cid, t["status"], detail, t["output"], EXCERPT).__dict__
 
 
+# ------------------------------------------------------------------------------------------- cost
+class BudgetReached(RuntimeError):
+    """convert.max_cost reached: the finished work is committed; a rerun with a higher budget continues."""
+
+
+class Budget:
+    """What the committed work of this output cost (its commit markers: every pass, every run), against
+    `convert.max_cost`. Tokens at `convert.cost` prices; engine time from the markers' seconds."""
+
+    def __init__(self, c: ConvertConfig, markers: list[dict]):
+        self.c = c
+        self.spent = 0.0
+        for m in markers:
+            self.add(m)
+
+    def add(self, info: dict) -> None:
+        self.spent += cost_of(self.c, float(info.get("input_tokens", 0)), float(info.get("output_tokens", 0)),
+                              float(info.get("seconds", 0.0)))
+
+    @property
+    def priced(self) -> bool:
+        p = self.c.cost
+        return bool(p.input_per_million or p.output_per_million or p.gpu_hour)
+
+    def exhausted(self) -> bool:
+        return self.c.max_cost is not None and self.spent >= self.c.max_cost
+
+    def stop(self, done: int) -> BudgetReached:
+        cur = self.c.cost.currency
+        return BudgetReached(f"convert.max_cost reached: {self.spent:,.4f} {cur} spent of {self.c.max_cost:,.4f} "
+                             f"{cur}; {done} chunks committed. Rerun with a higher convert.max_cost to continue.")
+
+
 # ------------------------------------------------------------------------------------------- committing
 class Committer:
     """Buffers finished chunks and commits them `rows_per_file` at a time through the ledger."""
 
-    def __init__(self, ledger: Ledger, rows_per_file: int, attempt: int):
-        self.ledger, self.n, self.attempt = ledger, rows_per_file, attempt
+    def __init__(self, ledger: Ledger, rows_per_file: int, attempt: int, budget: Budget | None = None):
+        self.ledger, self.n, self.attempt, self.budget = ledger, rows_per_file, attempt, budget
         self.buf: dict[str, list[dict]] = {"converted": [], "reject": [], "pending": []}
         self.tokens: collections.Counter[str] = collections.Counter()
         self.t_last: float | None = None  # set at the pass's first output: start-up is not per-row time
@@ -159,9 +193,11 @@ class Committer:
         per_row = (now - start) / rows
         for r in self.buf["converted"]:
             r["seconds"] = round(per_row, 4)
-        self.ledger.commit(self.buf["converted"], self.buf["reject"], self.buf["pending"],
-                           {"attempt": self.attempt, "seconds": round(now - start, 3),
-                            "input_tokens": self.tokens["input_tokens"], "output_tokens": self.tokens["output_tokens"]})
+        info = {"attempt": self.attempt, "seconds": round(now - start, 3),
+                "input_tokens": self.tokens["input_tokens"], "output_tokens": self.tokens["output_tokens"]}
+        self.ledger.commit(self.buf["converted"], self.buf["reject"], self.buf["pending"], info)
+        if self.budget is not None:
+            self.budget.add(info)
         self.commits += 1
         log.info("convert pass %d: committed %d chunks (ok %d, rejected %d, to retry %d)", self.attempt, rows,
                  len(self.buf["converted"]), len(self.buf["reject"]), len(self.buf["pending"]))
@@ -182,8 +218,13 @@ def consume(rows: Iterable[dict], assembler: ChunkAssembler, committer: Committe
         done = assembler.add(row)
         if done is not None:
             committer.add(*done)
+            budget = committer.budget
             if bar is not None:
                 bar.update(1, tokens=done[2]["output_tokens"])
+                if budget is not None and budget.priced:
+                    bar.counters["cost"] = budget.spent  # committed work: what the budget counts
+            if budget is not None and budget.exhausted():  # checked after a commit, never before the last one
+                raise budget.stop(committer.ledger.counts()[0])
     committer.flush()
     if assembler.incomplete():
         raise RuntimeError(f"convert: {assembler.incomplete()} chunks lack task results after the engine pass "
@@ -193,7 +234,7 @@ def consume(rows: Iterable[dict], assembler: ChunkAssembler, committer: Committe
 
 
 def engine_pass(cfg: Config, ds, todo: int, attempt: int, ledger: Ledger, db: PromptDB,
-                engine: dict[str, Any]) -> dict[str, Any]:
+                engine: dict[str, Any], budget: Budget | None = None) -> dict[str, Any]:
     """One pass of chunk rows through an LLM engine: `engine` = {kind: vllm|openai, model, revision, prompts
     (prompts.prompt_spec), and for vllm model_path, device}."""
     from transformllm_ray.convert.vllm_engine import engine_pipeline, expand_tasks, sampling_dict
@@ -210,7 +251,7 @@ def engine_pass(cfg: Config, ds, todo: int, attempt: int, ledger: Ledger, db: Pr
     else:
         out = engine_pipeline(ds, cfg, engine["model"], engine["model_path"], engine["device"], engine["prompts"])
     assembler = ChunkAssembler(cfg, db, engine["kind"], engine["model"], engine["revision"])
-    committer = Committer(ledger, c.rows_per_file, attempt)
+    committer = Committer(ledger, c.rows_per_file, attempt, budget)
     with progress(STAGE, todo, f"chunks (pass {attempt})") as bar:
         timing = consume(out.iter_rows(), assembler, committer, bar)
     return {**timing, "input_tokens": assembler.tokens["input"], "output_tokens": assembler.tokens["output"],

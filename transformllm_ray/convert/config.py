@@ -112,6 +112,26 @@ class OpenAIConfig(Section):
     """Task rows per Ray Data batch given to a client; at least `max_concurrency` keeps it busy."""
 
 
+class CostConfig(Section):
+    input_per_million: float = Field(default=0.0, ge=0)
+    """Price per million prompt tokens (an API's price list); 0 = not charged."""
+    output_per_million: float = Field(default=0.0, ge=0)
+    """Price per million generated tokens."""
+    gpu_hour: float = Field(default=0.0, ge=0)
+    """In-cluster engines (engine vllm): price per GPU-hour, charged for tensor_parallel_size GPUs per engine
+    (1 per engine on CPU) over the time the engines generate (engine start-up not counted)."""
+    currency: str = "USD"
+    """Shown with every amount."""
+
+
+def cost_of(c: "ConvertConfig", input_tokens: float, output_tokens: float, engine_seconds: float) -> float:
+    """What tokens and engine time cost under `convert.cost`."""
+    p = c.cost
+    gpus = c.vllm.num_engines * c.vllm.tensor_parallel_size if c.engine == "vllm" else 0
+    return (input_tokens * p.input_per_million + output_tokens * p.output_per_million) / 1e6 + \
+        p.gpu_hour * gpus * engine_seconds / 3600
+
+
 class ConvertConfig(Section):
     engine: Literal["vllm", "regex", "openai"] = "vllm"
     """vllm = LLM rewriting (the paper) with vLLM engines in the cluster; openai = the same through any
@@ -147,6 +167,11 @@ class ConvertConfig(Section):
     """vLLM engine settings."""
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
     """OpenAI-compatible endpoint settings (engine openai)."""
+    cost: CostConfig = Field(default_factory=CostConfig)
+    """Prices: `transformllm plan` estimates the cost, stats and the report show what was spent."""
+    max_cost: Optional[float] = Field(default=None, gt=0)
+    """Budget (in cost.currency) of all committed work of this output: the stage stops cleanly once it is
+    reached (finished work committed, stats.json not written); a rerun with a higher budget continues."""
     rows_per_file: int = Field(default=256, ge=1)
     """Rows per output Parquet file; a file is the unit of exactly-once commit."""
 

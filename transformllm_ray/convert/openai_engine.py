@@ -154,7 +154,7 @@ def endpoint_pipeline(ds, cfg: Config, prompts: dict[str, str]):
             "prompts": prompts, "quality": cfg.convert.quality.model_dump(), "max_concurrency": o.max_concurrency,
             "rate_per_s": o.requests_per_s / o.num_clients if o.requests_per_s else None,
             "max_retries": o.max_retries, "timeout_s": o.timeout_s},
+        # A dead client actor (node lost) is restarted and its batch sent again (Ray Data's default for actor
+        # pools: max_restarts=-1, max_task_retries=-1); the ledger keeps every chunk once.
         batch_size=o.batch_size, concurrency=o.num_clients, num_cpus=SMALL_STAGE_CPUS, batch_format="numpy",
-        # A dead client actor (node lost) is restarted and its batch sent again: the ledger keeps chunks once.
-        max_restarts=-1, max_task_retries=-1,
     )

@@ -34,7 +34,7 @@ from typing import Any
 
 from transformllm_ray.config import Config
 from transformllm_ray.console import say
-from transformllm_ray.convert.assemble import engine_pass
+from transformllm_ray.convert.assemble import Budget, engine_pass
 from transformllm_ray.convert.ledger import PENDING_SCHEMA, SCHEMA_VERSION, STAGE, Ledger, reconcile
 from transformllm_ray.convert.prompts import db_of, prompt_spec, sample_families
 from transformllm_ray.convert.regex_engine import regex_pass
@@ -62,7 +62,7 @@ def inputs(cfg: Config) -> dict:
                spec["text"].encode()).hexdigest(),
            **section(c, "convert", exclude=[
                "model", "model_revision", "sampling", "retry_sampling", "quality", "vllm", "openai", "rows_per_file",
-               "retry_rejected", "prompts", "domain", "prompt_version"])}
+               "retry_rejected", "prompts", "domain", "prompt_version", "cost", "max_cost"])}
     if c.engine == "regex":  # one deterministic regex pass: no model, decoding, gate or retry
         return out
     # The endpoint's address, key, clients and limits change how fast, not what: the served model name does.
@@ -94,7 +94,7 @@ def retry_ds(ledger: Ledger):
     return anti_join(ds, done, PENDING_SCHEMA) if done is not None else ds
 
 
-def _retry(cfg: Config, ledger: Ledger, db, engine: dict, extra: dict) -> list[dict]:
+def _retry(cfg: Config, ledger: Ledger, db, engine: dict, extra: dict, budget: Budget) -> list[dict]:
     """Pass 2 (with convert.retry_rejected): the failed tasks of the pending chunks, with retry_sampling."""
     if not cfg.convert.retry_rejected:
         return []
@@ -103,7 +103,7 @@ def _retry(cfg: Config, ledger: Ledger, db, engine: dict, extra: dict) -> list[d
         return []
     say(f"[convert] pass 2: retrying the failed tasks of {waiting} chunks with convert.retry_sampling")
     extra["retried_chunks"] = waiting
-    return [engine_pass(cfg, retry_ds(ledger), waiting, 2, ledger, db, engine)]
+    return [engine_pass(cfg, retry_ds(ledger), waiting, 2, ledger, db, engine, budget)]
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -128,6 +128,9 @@ def run(cfg: Config) -> dict:
     extra: dict[str, Any] = {"engine": c.engine, "prompt_version": db.version_tag, "resumed_done": done,
                              "resumed_pending": pending, "retried_chunks": 0}
     resuming = bool(done or pending)
+    budget = Budget(c, ledger.markers())
+    if (n_todo or pending) and c.engine != "regex" and budget.exhausted():
+        raise budget.stop(done)  # before any engine starts
     if c.engine == "regex":
         extra.update(model="regex", model_revision=db.version_tag, device="cpu")
         if n_todo:
@@ -142,8 +145,9 @@ def run(cfg: Config) -> dict:
         if n_todo:
             say(f"[convert] pass 1: {n_todo} chunks x {c.tasks_per_chunk} tasks to {served} at "
                 f"{engine['revision']} ({o.num_clients} client(s) x {o.max_concurrency} requests)")
-            passes.append(engine_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, 1, ledger, db, engine))
-        passes += _retry(cfg, ledger, db, engine, extra)
+            passes.append(engine_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, 1, ledger, db, engine,
+                                      budget))
+        passes += _retry(cfg, ledger, db, engine, extra, budget)
     else:
         from transformllm_ray.models.assets import model_revision, resolve_model
 
@@ -157,8 +161,9 @@ def run(cfg: Config) -> dict:
         if n_todo:
             say(f"[convert] pass 1: {n_todo} chunks x {c.tasks_per_chunk} tasks on {c.vllm.num_engines} "
                 f"{device} engine(s) of {c.model}")
-            passes.append(engine_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, 1, ledger, db, engine))
-        passes += _retry(cfg, ledger, db, engine, extra)
+            passes.append(engine_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, 1, ledger, db, engine,
+                                      budget))
+        passes += _retry(cfg, ledger, db, engine, extra, budget)
     final = reconcile(ledger, sel)
     markers = ledger.markers()
     run_out = sum(p["output_tokens"] for p in passes)
@@ -178,5 +183,9 @@ def run(cfg: Config) -> dict:
         "engine_errors": sum(p.get("engine_errors", 0) for p in passes),
         "commits": len(markers), "rows_per_file": c.rows_per_file, "tasks_per_chunk": c.tasks_per_chunk,
         "sampling": c.sampling.model_dump(), "seconds": round(time.time() - t0, 3),
+        # What all committed work cost at convert.cost's prices (every pass, every run).
+        "cost": {"total": round(Budget(c, markers).spent, 6), "currency": c.cost.currency,
+                 "max_cost": c.max_cost, **c.cost.model_dump(exclude={"currency"}),
+                 "engine_hours": round(sum(float(m.get("seconds", 0)) for m in markers) / 3600, 6)},
     }
     return write_stats(cfg, STAGE, stats)

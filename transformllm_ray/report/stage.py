@@ -232,6 +232,10 @@ def render_markdown(cfg: Config, data: dict, images: dict[str, str | None]) -> s
                   "output_tokens_per_s", "heldout_chunks", "seconds"):
             if k in c:
                 lines.append(f"| {k} | {_fmt(c[k])} |")
+        if c.get("cost"):
+            cost = c["cost"]
+            budget = f" (budget {cost['max_cost']:,.2f})" if cost.get("max_cost") else ""
+            lines.append(f"| cost, {cost['currency']} (convert.cost prices) | {cost['total']:,.4f}{budget} |")
         lines.append("")
         if images.get("convert"):
             lines += [f"![Conversion]({images['convert']})", ""]
