@@ -6,6 +6,7 @@ server, and the key nowhere in what the runs wrote or printed."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -15,6 +16,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from tests.helpers import start_cli_and_kill, write_config
 from tests.llmserver import FaultProxy, VllmServer
@@ -165,3 +167,10 @@ def test_a_budget_stops_cleanly_and_a_higher_one_continues(ray_local, server, tm
     expected = (stats["input_tokens"] * 1000.0 + stats["output_tokens"] * 2000.0) / 1e6
     assert stats["input_tokens"] > 0 and stats["cost"]["total"] == pytest.approx(expected, rel=1e-6)
     assert stats["cost"]["currency"] == "EUR" and stats["cost"]["max_cost"] == 1000.0
+    # The dataset card: a Hub config pointing at the Parquet, and the figures of stats.json.
+    card = open(f"{cfg.output_dir}/convert/README.md").read()
+    front = yaml.safe_load(card.split("---")[1])
+    files = front["configs"][0]["data_files"][0]["path"]
+    assert pq.ParquetDataset(glob.glob(f"{cfg.output_dir}/convert/{files}")).read().num_rows == stats["rows_out"]
+    assert f"| rows converted | {stats['rows_out']} |" in card and f"| model | {SERVED} |" in card
+    assert f"{stats['cost']['total']:,.4f} EUR" in card and "licensedcode-data" in card

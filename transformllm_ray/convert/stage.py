@@ -35,6 +35,7 @@ from typing import Any
 from transformllm_ray.config import Config
 from transformllm_ray.console import say
 from transformllm_ray.convert.assemble import Budget, engine_pass
+from transformllm_ray.convert.card import write_card
 from transformllm_ray.convert.ledger import PENDING_SCHEMA, SCHEMA_VERSION, STAGE, Ledger, reconcile
 from transformllm_ray.convert.prompts import db_of, prompt_spec, sample_families
 from transformllm_ray.convert.regex_engine import regex_pass
@@ -188,4 +189,5 @@ def run(cfg: Config) -> dict:
                  "max_cost": c.max_cost, **c.cost.model_dump(exclude={"currency"}),
                  "engine_hours": round(sum(float(m.get("seconds", 0)) for m in markers) / 3600, 6)},
     }
+    write_card(cfg, stats)  # before stats.json, the completion marker: a finished stage always has its card
     return write_stats(cfg, STAGE, stats)
