@@ -46,7 +46,7 @@ def plain_loop(cfg) -> dict:
         makedirs(f"{out}/{d}")
     shards = ingest.plan_shards(ingest.list_work_files(cfg), cfg.ingest.shard_bytes)
     counts = [ingest.process_shard(s["unit_id"], s["files"], cfg, chunker) for s in shards]
-    final = ingest.finalize(cfg, [s["unit_id"] for s in shards])
+    final = ingest.finalize(cfg, [s["unit_id"] for s in shards], sum(int(c["docs_out"]) for c in counts))
     return {"seconds": time.time() - t0, "rows_in": sum(c["rows_in"] for c in counts), "chunks": final["chunks_out"]}
 
 

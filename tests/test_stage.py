@@ -33,6 +33,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "input.": ("ingest",), "input.expected_tokens": (),   # a hint for `plan` only
     "general.": ("ingest",),
     "ingest.": ("ingest",), "ingest.num_actors": (), "ingest.cpus_per_actor": (),
+    "ingest.near_dup.docs_per_partition": (),  # how the map-reduce is cut, not its result
     "split.": ("ingest",),
     "convert.": ("convert",),
     "convert.model": ("ingest", "convert"),  # ingest chunks with the converter's tokenizer (ingest.tokenizer unset)
@@ -40,6 +41,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "convert.vllm.": ("convert",),
     "convert.openai.": (),                   # where and how fast the endpoint is asked, not what it answers
     "convert.openai.model": ("convert",),    # the served model (with engine openai)
+    "convert.cost.": (), "convert.max_cost": (),  # prices and budget: a rerun with a higher budget continues
     **{f"convert.vllm.{k}": () for k in ("num_engines", "batch_size", "gpu_memory_utilization", "cpu_kvcache_gib",
                                          "cpus_per_engine", "max_restarts", "max_concurrent_batches",
                                          "enforce_eager", "env")},
@@ -72,7 +74,7 @@ FLIPS: dict[str, list] = {
     "ingest.near_dup.bands": [40], "ingest.near_dup.rows": [2], "eval.decontaminate_paths": [["extra.jsonl"]],
     "pack.decontaminate.max_matches": [11, None],
     "convert.prompts": ["mine.yaml"], "convert.openai.base_url": ["http://h:8000/v1"],
-    "convert.openai.model": ["served"], "convert.openai.requests_per_s": [5.0],
+    "convert.openai.model": ["served"], "convert.openai.requests_per_s": [5.0], "convert.max_cost": [10.0],
 }
 
 

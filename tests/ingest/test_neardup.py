@@ -147,12 +147,15 @@ def test_demo_corpus_no_heldout_leakage(ray_local, tmp_path, planted):
     for part in list_files(f"{out}/chunks", ".parquet"):
         assert pq.read_schema(part).remove_metadata() == arrow_schema(Chunk).remove_metadata(), part
 
-    # 4. A second pass finds the same clusters and changes nothing.
+    # 4. A second pass, its map-reduce cut into 4 partitions instead of 1, finds the same clusters and changes
+    # nothing.
     before = (pq.read_table(f"{out}/chunks").sort_by("id"), pq.read_table(f"{out}/rejects").sort_by("ref"))
     again = neardup.run(out, [s["unit_id"] for s in ingest.plan_shards(ingest.list_work_files(cfg),
                                                                        cfg.ingest.shard_bytes)],
-                        cfg.ingest.near_dup, cfg.split, cfg.ingest.excerpt_chars)
-    timing = ("seconds", "signature_seconds")
+                        cfg.ingest.near_dup.model_copy(update={"docs_per_partition": 300}), cfg.split,
+                        cfg.ingest.excerpt_chars, stats["rows_in"])
+    assert nd["partitions"] == 1 and again["partitions"] == 4  # 2,000+ documents, 300 a partition, 4 CPUs
+    timing = ("seconds", "signature_seconds", "partitions")
     assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in nd.items() if k not in timing}
     after = (pq.read_table(f"{out}/chunks").sort_by("id"), pq.read_table(f"{out}/rejects").sort_by("ref"))
     assert before[0].equals(after[0]) and before[1].equals(after[1])

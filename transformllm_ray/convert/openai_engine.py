@@ -146,7 +146,12 @@ def endpoint_pipeline(ds, cfg: Config, prompts: dict[str, str]):
     """Task rows -> gated task rows through the endpoint (lazy Ray Data dataset)."""
     from transformllm_ray.resources import SMALL_STAGE_CPUS
 
+    import ray
+
     o = cfg.convert.openai
+    # Blocks of one client batch each: a small input otherwise arrives as one block, whose answers would all
+    # reach the driver (and be committed) only when the last of them is in.
+    ds = ds.repartition(target_num_rows_per_block=o.batch_size)
     return ds.map_batches(
         OpenAIChat,
         fn_constructor_kwargs={
@@ -156,5 +161,6 @@ def endpoint_pipeline(ds, cfg: Config, prompts: dict[str, str]):
             "max_retries": o.max_retries, "timeout_s": o.timeout_s},
         # A dead client actor (node lost) is restarted and its batch sent again (Ray Data's default for actor
         # pools: max_restarts=-1, max_task_retries=-1); the ledger keeps every chunk once.
-        batch_size=o.batch_size, concurrency=o.num_clients, num_cpus=SMALL_STAGE_CPUS, batch_format="numpy",
+        batch_size=o.batch_size, compute=ray.data.ActorPoolStrategy(size=o.num_clients), num_cpus=SMALL_STAGE_CPUS,
+        batch_format="numpy",
     )

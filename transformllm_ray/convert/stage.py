@@ -141,7 +141,7 @@ def run(cfg: Config) -> dict:
 
         o = c.openai
         served = o.model or c.model
-        engine = {"kind": "openai", "model": served, "revision": endpoint_label(o.base_url), "prompts": spec}
+        engine = {"kind": "openai", "model": served, "revision": endpoint_label(o.base_url or ""), "prompts": spec}
         extra.update(model=served, model_revision=engine["revision"], device="endpoint")
         if n_todo:
             say(f"[convert] pass 1: {n_todo} chunks x {c.tasks_per_chunk} tasks to {served} at "

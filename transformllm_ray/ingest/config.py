@@ -43,6 +43,12 @@ class NearDupConfig(Section):
     seed: int = 0
     """Seed of the MinHash permutations."""
 
+    docs_per_partition: int = Field(default=50_000, ge=1)
+    """Documents per partition of the near-dup map-reduce (at most one partition per cluster CPU): ~25 MB of
+    band rows and signatures each at the defaults. A small corpus gets one partition, so a few tasks: each
+    costs a worker, and starting workers is most of near-dup's time on a small cluster. Changes how the work
+    is cut, not the result."""
+
     @model_validator(mode="after")
     def _check(self) -> "NearDupConfig":
         if self.bands * self.rows > self.num_perm:

@@ -194,7 +194,12 @@ def map_shard(uri: str, rejects_dir: str, bands: int, rows: int, n: int) -> list
 
 
 # ------------------------------------------------------------------------------------------------ 2. buckets
-def bucket_pairs(n: int, *parts: pa.Table) -> list[pa.Table]:
+def _returns(tables: list[pa.Table]):
+    """A task's n outputs: Ray stores a task with num_returns=1 as one object, so one table, not a list."""
+    return tables if len(tables) > 1 else tables[0]
+
+
+def bucket_pairs(n: int, *parts: pa.Table) -> list[pa.Table] | pa.Table:
     """One partition of band rows (every map's part for it) -> candidate pairs, n tables partitioned by the
     first document. In each bucket (rows with the same band hash) the pairs go from its first document
     (smallest order) to each other one: a bucket of k documents gives k - 1 pairs."""
@@ -210,7 +215,7 @@ def bucket_pairs(n: int, *parts: pa.Table) -> list[pa.Table]:
     a, b = pa.array(first[keep], pa.int64()), pa.array(idx[keep], pa.int64())
     pairs = pa.table({"a": g["doc_id"].take(a), "a_order": g["order"].take(a), "a_shard": g["shard"].take(a),
                       "b": g["doc_id"].take(b), "b_order": g["order"].take(b), "b_shard": g["shard"].take(b)})
-    return _split_by(pairs, _part_of(pairs["a"], n), n)
+    return _returns(_split_by(pairs, _part_of(pairs["a"], n), n))
 
 
 # ------------------------------------------------------------------------------------------------ 3. verify
@@ -219,14 +224,14 @@ def _signatures(parts) -> dict[str, bytes]:
     return dict(zip(t["doc_id"].to_pylist(), t["sig"].to_pylist()))
 
 
-def attach_first(n: int, n_sig: int, *parts: pa.Table) -> list[pa.Table]:
+def attach_first(n: int, n_sig: int, *parts: pa.Table) -> list[pa.Table] | pa.Table:
     """The pairs whose first document is in one partition, distinct, with its signature (from the same
     partition's signature parts) -> n tables partitioned by the second document."""
     sigs = _signatures(parts[:n_sig])
     pairs = pa.concat_tables(parts[n_sig:])
     pairs = pairs.group_by(pairs.column_names, use_threads=False).aggregate([])  # distinct (a pair per band)
     pairs = pairs.append_column("a_sig", pa.array([sigs[a] for a in pairs["a"].to_pylist()], pa.binary()))
-    return _split_by(pairs, _part_of(pairs["b"], n), n)
+    return _returns(_split_by(pairs, _part_of(pairs["b"], n), n))
 
 
 def verify(n_sig: int, edges_uri: str, threshold: float, *parts: pa.Table) -> dict[str, int]:
@@ -330,14 +335,20 @@ def apply_labels(uri: str, out: str, excerpt_chars: int) -> int:
                           dict(zip(labels["doc_id"].to_pylist(), labels["split"].to_pylist())))
 
 
-def run(out: str, shard_ids: list[str], nd: NearDupConfig, split: SplitConfig, excerpt_chars: int) -> dict[str, Any]:
-    """Phase 3 of ingest over the shards' minhash parts; the counts for stats.json. The driver holds object
-    references (shards x partitions), never a row."""
+def partitions(docs: int, nd: NearDupConfig) -> int:
+    """Partitions of the map-reduce: one per `docs_per_partition` documents, at most one per cluster CPU."""
+    from transformllm_ray.dataops import shuffle_partitions
+
+    return max(1, min(shuffle_partitions(), -(-docs // nd.docs_per_partition)))
+
+
+def run(out: str, shard_ids: list[str], nd: NearDupConfig, split: SplitConfig, excerpt_chars: int,
+        docs: int) -> dict[str, Any]:
+    """Phase 3 of ingest over the shards' minhash parts (`docs` documents kept by phase 1); the counts for
+    stats.json. The driver holds object references (shards x partitions), never a row."""
     import time
 
     import ray
-
-    from transformllm_ray.dataops import shuffle_partitions
 
     t0 = time.time()
     work = f"{out}/_near_dup"
@@ -346,7 +357,7 @@ def run(out: str, shard_ids: list[str], nd: NearDupConfig, split: SplitConfig, e
             remove(uri)
         makedirs(f"{work}/{sub}")
     parts = [f"{out}/minhash/part-{s}.parquet" for s in shard_ids if exists(f"{out}/minhash/part-{s}.parquet")]
-    n = shuffle_partitions()
+    n = partitions(docs, nd)
     task = ray.remote(num_cpus=SHUFFLE_TASK_CPUS)
     mapped = [task(map_shard).options(num_returns=2 * n).remote(u, f"{out}/rejects", nd.bands, nd.rows, n)
               for u in parts]
@@ -371,4 +382,4 @@ def run(out: str, shard_ids: list[str], nd: NearDupConfig, split: SplitConfig, e
     return {"candidate_pairs": sum(c["candidates"] for c in checked), "pairs_verified": counts["edges"],
             "clusters": counts["clusters"], "documents_in_clusters": counts["documents_in_clusters"],
             "largest_cluster": counts["largest_cluster"], "removed": counts["removed"],
-            "resplit": counts["resplit"], "seconds": round(time.time() - t0, 3)}
+            "resplit": counts["resplit"], "partitions": n, "seconds": round(time.time() - t0, 3)}

@@ -74,7 +74,8 @@ def inputs(cfg: Config) -> dict:
 
     return {**section(cfg.input, "input", exclude=["expected_tokens"]), **section(cfg.general, "general"),
             "input.files": _listing(cfg, "domain"), "general.files": _listing(cfg, "general"),
-            **section(cfg.ingest, "ingest", exclude=["tokenizer", "num_actors", "cpus_per_actor"]),
+            **section(cfg.ingest, "ingest", exclude=["tokenizer", "num_actors", "cpus_per_actor",
+                                                     "near_dup.docs_per_partition"]),
             "ingest.tokenizer": model_key(cfg.ingest_tokenizer), **section(cfg.split, "split")}
 
 
@@ -353,7 +354,7 @@ def count_outputs(cfg: Config, shard_ids: list[str]) -> dict:
             "reject_reasons": dict(sorted(reasons.items()))}
 
 
-def finalize(cfg: Config, shard_ids: list[str]) -> dict:
+def finalize(cfg: Config, shard_ids: list[str], docs: int) -> dict:
     """Cross-shard dedup, removal of parts from an older plan, and counts read back from the files."""
     out = cfg.stage_dir(STAGE)
     # Parts of shards not in this plan (the input changed since an earlier run) would be read as
@@ -365,7 +366,7 @@ def finalize(cfg: Config, shard_ids: list[str]) -> dict:
                 remove(uri)
     moved = cross_shard_dedup(cfg, shard_ids)
     nd = cfg.ingest.near_dup
-    near = neardup.run(out, shard_ids, nd, cfg.split, cfg.ingest.excerpt_chars) if nd.enabled else None
+    near = neardup.run(out, shard_ids, nd, cfg.split, cfg.ingest.excerpt_chars, docs) if nd.enabled else None
     return {"cross_shard_duplicates_moved": moved, "near_dup": near, **count_outputs(cfg, shard_ids)}
 
 
@@ -381,7 +382,7 @@ def run(cfg: Config) -> dict:
     shards = plan_shards(files, cfg.ingest.shard_bytes)
     say(f"[ingest] {len(files)} files in {len(shards)} shards")
     counts = run_phase1(cfg, shards, marker_dir)
-    final = finalize(cfg, [s["unit_id"] for s in shards])
+    final = finalize(cfg, [s["unit_id"] for s in shards], sum(int(c["docs_out"]) for c in counts))
     if final["near_dup"]:
         # time in the actors computing signatures (phase 1), summed over shards
         final["near_dup"]["signature_seconds"] = round(sum(c["minhash_seconds"] for c in counts), 3)
