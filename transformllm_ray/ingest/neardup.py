@@ -8,11 +8,13 @@ words of the normalised text), estimated from MinHash signatures of `num_perm` p
 RMinHash: Rust, ~5x datasketch's documents/s on the licence corpus, benchmarks/RESULTS.md).
 
 Phase 1 (stage.process_shard) writes each shard's signatures next to its chunks: `minhash/part-<shard>.parquet`
-(doc_id, source, kind, sig). Then a map-reduce over Ray tasks, n = shuffle_partitions() partitions, the driver
-holding object references only (shards x n), never a row:
+(doc_id, source, kind, sig). Then a map-reduce over Ray tasks, n partitions (one per
+`near_dup.docs_per_partition` documents, at most one per CPU), the driver holding object references only
+(map tasks x n), never a row:
 
-1. map_shard, a task per shard: `bands` rows per document (band hash of `rows` signature values), partitioned
-   by band hash; and the signatures, partitioned by document. Exact duplicates' later copies are left out.
+1. map_shards, a task per group of shards (n groups): `bands` rows per document (band hash of `rows`
+   signature values), partitioned by band hash; and the signatures, partitioned by document. Exact
+   duplicates' later copies are left out.
 2. bucket_pairs, a task per band partition: documents sharing a band hash are candidates; each bucket gives
    pairs from its first document (smallest order) to the others (a bucket of k gives k - 1 pairs),
    partitioned by the first document.
@@ -24,8 +26,9 @@ holding object references only (shards x n), never a row:
    O(corpus)). Components of all edges share a split (that of the component's first document); in components
    of the edges at or above `remove_threshold` the first document is kept and the others are rejected as
    `near_duplicate`. It writes a label part per shard with a change.
-5. apply_labels, a task per labelled shard: removed documents' chunks move to rejects/ (with the kept
-   document's reference and the estimated similarity), re-split documents get their cluster's split.
+5. apply_labels, a task per group of labelled shards (n groups): removed documents' chunks move to rejects/
+   (with the kept document's reference and the estimated similarity), re-split documents get their
+   cluster's split.
    Idempotent: the graph is built from every document that is not an exact duplicate, removed or not, so a
    rerun finds the same clusters, and a shard already rewritten is left as it is.
 
@@ -49,6 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transformllm_ray.ingest.config import NearDupConfig, SplitConfig
+from transformllm_ray.dataops import shuffle_partitions
 from transformllm_ray.resources import SHUFFLE_TASK_CPUS
 from transformllm_ray.schema import Reject, make_reject, to_table
 from transformllm_ray.storage import exists, list_files, makedirs, read_parquet, remove, write_parquet_atomic
@@ -169,25 +173,32 @@ def _split_by(t: pa.Table, part, n: int) -> list[pa.Table]:
     return [t.filter(pa.array(part == p)) if len(part) else t for p in np.arange(n)]
 
 
-def map_shard(uri: str, rejects_dir: str, bands: int, rows: int, n: int) -> list[pa.Table]:
-    """One shard's minhash part -> n tables of band rows (band, doc_id, order, shard) partitioned by band hash,
-    then n tables of signatures (doc_id, sig) partitioned by document. Later copies of an exact duplicate
-    (moved to rejects/ by exact dedup) are left out: their text is the kept copy's."""
-    import numpy as np
-
+def _shard_docs(uri: str, rejects_dir: str) -> pa.Table:
+    """One shard's minhash part, without the later copies of exact duplicates (moved to rejects/ by exact
+    dedup: their text is the kept copy's), with a `shard` column."""
     shard = os.path.basename(uri)[len("part-"):-len(".parquet")]
     t = read_parquet(uri)
     rj = read_parquet(f"{rejects_dir}/part-{shard}.parquet", columns=["ref", "reason"])
     copies = rj.filter(pc.equal(rj["reason"], "duplicate"))["ref"]
     if len(copies):
         t = t.filter(pc.invert(pc.is_in(t["source"], value_set=copies)))
+    return t.append_column("shard", pa.array([shard] * t.num_rows, pa.string()))
+
+
+def map_shards(uris: list[str], rejects_dir: str, bands: int, rows: int, n: int) -> list[pa.Table]:
+    """Some shards' minhash parts -> n tables of band rows (band, doc_id, order, shard) partitioned by band
+    hash, then n tables of signatures (doc_id, sig) partitioned by document. Several shards a task: a task
+    costs more than a small shard's work."""
+    import numpy as np
+
+    t = pa.concat_tables([_shard_docs(u, rejects_dir) for u in uris])
     sig = (np.frombuffer(b"".join(t["sig"].to_pylist()), dtype=np.uint32).reshape(t.num_rows, -1) if t.num_rows
            else np.zeros((0, bands * rows), np.uint32))
     hashes = band_hashes(sig, bands, rows)  # (docs, bands)
     order = copy_order(t["kind"], t["source"])
-    which = np.repeat(np.arange(t.num_rows), bands)
+    which = pa.array(np.repeat(np.arange(t.num_rows), bands))
     b = pa.table({"band": pa.array(hashes.reshape(-1), pa.uint64()), "doc_id": t["doc_id"].take(which),
-                  "order": order.take(which), "shard": pa.array([shard] * len(which), pa.string())})
+                  "order": order.take(which), "shard": t["shard"].take(which)})
     sigs = t.select(["doc_id", "sig"])
     return (_split_by(b, b["band"].to_numpy() % n, n) +
             _split_by(sigs, _part_of(sigs["doc_id"], n), n))
@@ -323,7 +334,12 @@ def clusters(edges_dir: str, labels_dir: str, remove_threshold: float, split_jso
 
 
 # ------------------------------------------------------------------------------------------------ 5. apply
-def apply_labels(uri: str, out: str, excerpt_chars: int) -> int:
+def apply_labels(uris: list[str], out: str, excerpt_chars: int) -> int:
+    """Some shards' labels, one shard after another (apply_shard_labels); returns how many documents moved."""
+    return sum(apply_shard_labels(u, out, excerpt_chars) for u in uris)
+
+
+def apply_shard_labels(uri: str, out: str, excerpt_chars: int) -> int:
     """One shard's labels: removed documents' chunks -> rejects/ (`near_duplicate`), re-split documents get
     their cluster's split (move_documents); returns how many moved."""
     shard = os.path.basename(uri)[len("part-"):-len(".parquet")]
@@ -337,8 +353,6 @@ def apply_labels(uri: str, out: str, excerpt_chars: int) -> int:
 
 def partitions(docs: int, nd: NearDupConfig) -> int:
     """Partitions of the map-reduce: one per `docs_per_partition` documents, at most one per cluster CPU."""
-    from transformllm_ray.dataops import shuffle_partitions
-
     return max(1, min(shuffle_partitions(), -(-docs // nd.docs_per_partition)))
 
 
@@ -359,8 +373,12 @@ def run(out: str, shard_ids: list[str], nd: NearDupConfig, split: SplitConfig, e
     parts = [f"{out}/minhash/part-{s}.parquet" for s in shard_ids if exists(f"{out}/minhash/part-{s}.parquet")]
     n = partitions(docs, nd)
     task = ray.remote(num_cpus=SHUFFLE_TASK_CPUS)
-    mapped = [task(map_shard).options(num_returns=2 * n).remote(u, f"{out}/rejects", nd.bands, nd.rows, n)
-              for u in parts]
+    # As many map (and apply) tasks as partitions: on a small corpus one worker process does it all, where
+    # starting a worker per task would cost more than the work.
+    per_task = -(-len(parts) // n)
+    mapped = [task(map_shards).options(num_returns=2 * n).remote(parts[i:i + per_task], f"{out}/rejects", nd.bands,
+                                                                 nd.rows, n)
+              for i in range(0, len(parts), per_task)]
     band_parts = [[m[p] for m in mapped] for p in range(n)]
     sig_parts = [[m[n + p] for m in mapped] for p in range(n)]
     paired = [task(bucket_pairs).options(num_returns=n).remote(n, *band_parts[p]) for p in range(n)] if parts else []
@@ -376,7 +394,10 @@ def run(out: str, shard_ids: list[str], nd: NearDupConfig, split: SplitConfig, e
     t2 = time.time()
     counts = ray.get(task(clusters).remote(f"{work}/edges", f"{work}/labels", nd.remove_threshold,
                                            split.model_dump_json()))
-    ray.get([task(apply_labels).remote(uri, out, excerpt_chars) for uri in list_files(f"{work}/labels", ".parquet")])
+    labelled = list_files(f"{work}/labels", ".parquet")
+    per_task = -(-len(labelled) // n)
+    ray.get([task(apply_labels).remote(labelled[i:i + per_task], out, excerpt_chars)
+             for i in range(0, len(labelled), per_task)])
     log.info("near-dup: submit %.2fs, map/bucket/verify %.2fs, clusters+apply %.2fs", t1 - t0, t2 - t1,
              time.time() - t2)
     return {"candidate_pairs": sum(c["candidates"] for c in checked), "pairs_verified": counts["edges"],
