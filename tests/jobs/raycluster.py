@@ -114,7 +114,7 @@ class LocalCluster:
             proc = self.procs.pop(name)
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
+                proc.wait(timeout=5)  # a throw-away cluster: a node slower to stop is killed (it took ~30 s)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
