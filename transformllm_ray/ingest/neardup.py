@@ -375,7 +375,7 @@ def run(out: str, shard_ids: list[str], nd: NearDupConfig, split: SplitConfig, e
     task = ray.remote(num_cpus=SHUFFLE_TASK_CPUS)
     # As many map (and apply) tasks as partitions: on a small corpus one worker process does it all, where
     # starting a worker per task would cost more than the work.
-    per_task = -(-len(parts) // n)
+    per_task = max(1, -(-len(parts) // n))
     mapped = [task(map_shards).options(num_returns=2 * n).remote(parts[i:i + per_task], f"{out}/rejects", nd.bands,
                                                                  nd.rows, n)
               for i in range(0, len(parts), per_task)]
@@ -395,7 +395,7 @@ def run(out: str, shard_ids: list[str], nd: NearDupConfig, split: SplitConfig, e
     counts = ray.get(task(clusters).remote(f"{work}/edges", f"{work}/labels", nd.remove_threshold,
                                            split.model_dump_json()))
     labelled = list_files(f"{work}/labels", ".parquet")
-    per_task = -(-len(labelled) // n)
+    per_task = max(1, -(-len(labelled) // n))  # none labelled: no task
     ray.get([task(apply_labels).remote(labelled[i:i + per_task], out, excerpt_chars)
              for i in range(0, len(labelled), per_task)])
     log.info("near-dup: submit %.2fs, map/bucket/verify %.2fs, clusters+apply %.2fs", t1 - t0, t2 - t1,
