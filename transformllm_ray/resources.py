@@ -103,12 +103,15 @@ def pack_pool(cfg: Config) -> Pool:
 
 
 def convert_pools(cfg: Config, device: str) -> dict[str, Pool]:
-    """Convert's pools: regex -> {"regex"}; vllm -> {"engine", "prompt", "gate"}. An engine on GPU takes its
+    """Convert's pools: regex -> {"regex"}; openai -> {"client"} (a fixed pool of light client actors: the
+    endpoint does the work); vllm -> {"engine", "prompt", "gate"}. An engine on GPU takes its
     tensor-parallel GPUs on one node and one CPU for the actor itself (an upper bound); on CPU, a placement
     group of `cpus_per_engine` CPUs."""
     c, v = cfg.convert, cfg.convert.vllm
     if c.engine == "regex":
         return {"regex": Pool(1, REGEX_MAX_ACTORS, REGEX_ACTOR_CPUS)}
+    if c.engine == "openai":
+        return {"client": Pool(c.openai.num_clients, c.openai.num_clients, SMALL_STAGE_CPUS)}
     n = v.num_engines
     engine = Pool(n, n, 1, v.tensor_parallel_size) if device == "cuda" else Pool(n, n, v.cpus_per_engine)
     small = Pool(1, max(1, n), SMALL_STAGE_CPUS)

@@ -144,9 +144,7 @@ class OpenAIChat(BatchUDF):
 
 def endpoint_pipeline(ds, cfg: Config, prompts: dict[str, str]):
     """Task rows -> gated task rows through the endpoint (lazy Ray Data dataset)."""
-    from transformllm_ray.resources import SMALL_STAGE_CPUS
-
-    import ray
+    from transformllm_ray.resources import convert_pools
 
     o = cfg.convert.openai
     # Blocks of one client batch each: a small input otherwise arrives as one block, whose answers would all
@@ -161,6 +159,5 @@ def endpoint_pipeline(ds, cfg: Config, prompts: dict[str, str]):
             "max_retries": o.max_retries, "timeout_s": o.timeout_s},
         # A dead client actor (node lost) is restarted and its batch sent again (Ray Data's default for actor
         # pools: max_restarts=-1, max_task_retries=-1); the ledger keeps every chunk once.
-        batch_size=o.batch_size, compute=ray.data.ActorPoolStrategy(size=o.num_clients), num_cpus=SMALL_STAGE_CPUS,
-        batch_format="numpy",
+        batch_size=o.batch_size, batch_format="numpy", **convert_pools(cfg, "cpu")["client"].actor_pool(),
     )
