@@ -129,9 +129,15 @@ class BudgetReached(RuntimeError):
     """convert.max_cost reached: the finished work is committed; a rerun with a higher budget continues."""
 
 
+def engine_seconds(marker: dict) -> float:
+    """Engine wall time a commit accounts for: since the previous commit or the pass's start (engine start-up
+    included: it is paid for too)."""
+    return float(marker.get("engine_seconds", marker.get("seconds", 0.0)))
+
+
 class Budget:
     """What the committed work of this output cost (its commit markers: every pass, every run), against
-    `convert.max_cost`. Tokens at `convert.cost` prices; engine time from the markers' seconds."""
+    `convert.max_cost`. Tokens at `convert.cost` prices; engine time from the markers (engine_seconds)."""
 
     def __init__(self, c: ConvertConfig, markers: list[dict]):
         self.c = c
@@ -141,7 +147,7 @@ class Budget:
 
     def add(self, info: dict) -> None:
         self.spent += cost_of(self.c, float(info.get("input_tokens", 0)), float(info.get("output_tokens", 0)),
-                              float(info.get("seconds", 0.0)))
+                              engine_seconds(info))
 
     @property
     def priced(self) -> bool:
@@ -166,6 +172,7 @@ class Committer:
         self.buf: dict[str, list[dict]] = {"converted": [], "reject": [], "pending": []}
         self.tokens: collections.Counter[str] = collections.Counter()
         self.t_last: float | None = None  # set at the pass's first output: start-up is not per-row time
+        self.t_engine = time.time()  # engine time for the cost: since the pass began, start-up included
         self.commits = 0
         self.counts: collections.Counter[str] = collections.Counter()
 
@@ -194,6 +201,7 @@ class Committer:
         for r in self.buf["converted"]:
             r["seconds"] = round(per_row, 4)
         info = {"attempt": self.attempt, "seconds": round(now - start, 3),
+                "engine_seconds": round(now - self.t_engine, 3),
                 "input_tokens": self.tokens["input_tokens"], "output_tokens": self.tokens["output_tokens"]}
         self.ledger.commit(self.buf["converted"], self.buf["reject"], self.buf["pending"], info)
         if self.budget is not None:
@@ -201,7 +209,7 @@ class Committer:
         self.commits += 1
         log.info("convert pass %d: committed %d chunks (ok %d, rejected %d, to retry %d)", self.attempt, rows,
                  len(self.buf["converted"]), len(self.buf["reject"]), len(self.buf["pending"]))
-        self.t_last = now
+        self.t_last = self.t_engine = now
         self.buf = {"converted": [], "reject": [], "pending": []}
         self.tokens = collections.Counter()
 

@@ -119,7 +119,7 @@ class CostConfig(Section):
     """Price per million generated tokens."""
     gpu_hour: float = Field(default=0.0, ge=0)
     """In-cluster engines (engine vllm): price per GPU-hour, charged for tensor_parallel_size GPUs per engine
-    (1 per engine on CPU) over the time the engines generate (engine start-up not counted)."""
+    (1 per engine on CPU) over the passes' wall time, engine start-up included."""
     currency: str = "USD"
     """Shown with every amount."""
 

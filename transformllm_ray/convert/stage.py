@@ -34,7 +34,7 @@ from typing import Any
 
 from transformllm_ray.config import Config
 from transformllm_ray.console import say
-from transformllm_ray.convert.assemble import Budget, engine_pass
+from transformllm_ray.convert.assemble import Budget, engine_pass, engine_seconds
 from transformllm_ray.convert.card import write_card
 from transformllm_ray.convert.ledger import PENDING_SCHEMA, SCHEMA_VERSION, STAGE, Ledger, reconcile
 from transformllm_ray.convert.prompts import db_of, prompt_spec, sample_families
@@ -187,7 +187,7 @@ def run(cfg: Config) -> dict:
         # What all committed work cost at convert.cost's prices (every pass, every run).
         "cost": {"total": round(Budget(c, markers).spent, 6), "currency": c.cost.currency,
                  "max_cost": c.max_cost, **c.cost.model_dump(exclude={"currency"}),
-                 "engine_hours": round(sum(float(m.get("seconds", 0)) for m in markers) / 3600, 6)},
+                 "engine_hours": round(sum(engine_seconds(m) for m in markers) / 3600, 6)},
     }
     write_card(cfg, stats)  # before stats.json, the completion marker: a finished stage always has its card
     return write_stats(cfg, STAGE, stats)
