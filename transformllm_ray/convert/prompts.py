@@ -134,8 +134,7 @@ def db_of(spec: dict[str, str]) -> PromptDB:
 
 def load_prompts(domain: str, version: str) -> PromptDB:
     """The package's prompt database (domain, version)."""
-    with open(package_file(domain, version), encoding="utf-8") as f:
-        return prompt_db(f.read(), where=f"prompts/{domain}/{version}.yaml")
+    return db_of(prompt_spec(None, domain, version))
 
 
 @functools.lru_cache(maxsize=16)

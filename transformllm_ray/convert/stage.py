@@ -136,32 +136,26 @@ def run(cfg: Config) -> dict:
         extra.update(model="regex", model_revision=db.version_tag, device="cpu")
         if n_todo:
             passes.append(regex_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, ledger, spec))
-    elif c.engine == "openai":
-        from transformllm_ray.convert.openai_engine import endpoint_label
-
-        o = c.openai
-        served = o.model or c.model
-        engine = {"kind": "openai", "model": served, "revision": endpoint_label(o.base_url or ""), "prompts": spec}
-        extra.update(model=served, model_revision=engine["revision"], device="endpoint")
-        if n_todo:
-            say(f"[convert] pass 1: {n_todo} chunks x {c.tasks_per_chunk} tasks to {served} at "
-                f"{engine['revision']} ({o.num_clients} client(s) x {o.max_concurrency} requests)")
-            passes.append(engine_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, 1, ledger, db, engine,
-                                      budget))
-        passes += _retry(cfg, ledger, db, engine, extra, budget)
     else:
-        from transformllm_ray.models.assets import model_revision, resolve_model
+        if c.engine == "openai":
+            from transformllm_ray.convert.openai_engine import endpoint_label
 
-        model_path = resolve_model(c.model)
-        revision = model_revision(c.model, c.model_revision)
-        device = convert_device(cfg, cluster_gpus())
-        check_convert_room(cfg, device)
-        extra.update(model=c.model, model_revision=revision, device=device)
-        engine = {"kind": "vllm", "model": c.model, "revision": revision, "prompts": spec, "model_path": model_path,
-                  "device": device}
+            o = c.openai
+            engine = {"kind": "openai", "model": o.model or c.model, "revision": endpoint_label(o.base_url or ""),
+                      "prompts": spec, "device": "endpoint"}
+            where = (f"to {engine['model']} at {engine['revision']} ({o.num_clients} client(s) x "
+                     f"{o.max_concurrency} requests)")
+        else:
+            from transformllm_ray.models.assets import model_revision, resolve_model
+
+            device = convert_device(cfg, cluster_gpus())
+            check_convert_room(cfg, device)
+            engine = {"kind": "vllm", "model": c.model, "revision": model_revision(c.model, c.model_revision),
+                      "prompts": spec, "model_path": resolve_model(c.model), "device": device}
+            where = f"on {c.vllm.num_engines} {device} engine(s) of {c.model}"
+        extra.update(model=engine["model"], model_revision=engine["revision"], device=engine["device"])
         if n_todo:
-            say(f"[convert] pass 1: {n_todo} chunks x {c.tasks_per_chunk} tasks on {c.vllm.num_engines} "
-                f"{device} engine(s) of {c.model}")
+            say(f"[convert] pass 1: {n_todo} chunks x {c.tasks_per_chunk} tasks {where}")
             passes.append(engine_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, 1, ledger, db, engine,
                                       budget))
         passes += _retry(cfg, ledger, db, engine, extra, budget)
