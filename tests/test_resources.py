@@ -38,7 +38,8 @@ def test_asks_follow_the_config():
                               "train.use_gpu=auto"])
     cpu = asks(cfg, gpus=0)
     assert cpu["ingest"] == [{"CPU": 0.25}] * 3
-    assert cpu["convert"] == [{"CPU": 1.5}] * 2 + [{"CPU": SMALL_STAGE_CPUS}] * 2  # engines, prompt, gate
+    # engines, prompt, gate, and one engine client per engine
+    assert cpu["convert"] == [{"CPU": 1.5}] * 2 + [{"CPU": SMALL_STAGE_CPUS}] * 4
     assert cpu["train"] == [{"CPU": 0.5}] * 2
     assert cpu["eval"] == [{"CPU": 0.5}]
     gpu = asks(cfg, gpus=4)

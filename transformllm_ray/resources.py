@@ -58,14 +58,17 @@ class Pool:
         """The units that must be placed at once (the pool's minimum)."""
         return [self.unit] * self.min_size
 
-    def actor_pool(self, available: int | None = None) -> dict[str, Any]:
-        """`compute` and `num_cpus` for `Dataset.map_batches`; `available` caps a fixed pool at the work there is."""
+    def actor_pool(self, available: int | None = None, in_flight: int | None = None) -> dict[str, Any]:
+        """`compute` and `num_cpus` for `Dataset.map_batches`; `available` caps a fixed pool at the work there is;
+        `in_flight`: batches sent to one actor at once (an async actor that overlaps them)."""
         import ray
 
         lo, hi = self.min_size, self.max_size
         if available is not None:
             lo, hi = min(lo, max(1, available)), min(hi, max(1, available))
-        strategy = ray.data.ActorPoolStrategy(size=lo) if lo == hi else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
+        extra = {"max_tasks_in_flight_per_actor": in_flight} if in_flight else {}
+        strategy = (ray.data.ActorPoolStrategy(size=lo, **extra) if lo == hi
+                    else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, **extra))
         return {"compute": strategy, "num_cpus": self.cpus, **({"num_gpus": self.gpus} if self.gpus else {})}
 
 
@@ -104,7 +107,7 @@ def pack_pool(cfg: Config) -> Pool:
 
 def convert_pools(cfg: Config, device: str) -> dict[str, Pool]:
     """Convert's pools: regex -> {"regex"}; openai -> {"client"} (a fixed pool of light client actors: the
-    endpoint does the work); vllm -> {"engine", "prompt", "gate"}. An engine on GPU takes its
+    endpoint does the work); vllm -> {"engine", "prompt", "gate", "client"}. An engine on GPU takes its
     tensor-parallel GPUs on one node and one CPU for the actor itself (an upper bound); on CPU, a placement
     group of `cpus_per_engine` CPUs."""
     c, v = cfg.convert, cfg.convert.vllm
@@ -115,7 +118,16 @@ def convert_pools(cfg: Config, device: str) -> dict[str, Pool]:
     n = v.num_engines
     engine = Pool(n, n, 1, v.tensor_parallel_size) if device == "cuda" else Pool(n, n, v.cpus_per_engine)
     small = Pool(1, max(1, n), SMALL_STAGE_CPUS)
-    return {"engine": engine, "prompt": small, "gate": small}
+    # engine clients (ray.data.llm's Serve deployment stage): one per engine, a sliver of a CPU each
+    return {"engine": engine, "prompt": small, "gate": small, "client": Pool(n, n, SMALL_STAGE_CPUS)}
+
+
+def engine_bundles(cfg: Config, device: str) -> list[dict[str, float]]:
+    """The placement-group bundles of one convert engine replica (Ray Serve LLM): on CPU, the engine pool's
+    unit; on GPU, one GPU per tensor-parallel rank (Serve adds the replica actor's CPU to the first bundle)."""
+    if device == "cpu":
+        return [convert_pools(cfg, device)["engine"].unit]
+    return [{"GPU": 1}] * cfg.convert.vllm.tensor_parallel_size
 
 
 def train_pool(cfg: Config, gpu: bool) -> Pool | None:
@@ -169,7 +181,7 @@ def check_convert_room(cfg: Config, device: str) -> None:
     require_ray_data_cpu(
         sum(p.cpus * p.min_size for p in pools.values()),
         f"convert: {v.num_engines} CPU engine(s) x convert.vllm.cpus_per_engine={v.cpus_per_engine} "
-        f"(+{SMALL_STAGE_CPUS} per prompt and gate actor)",
+        f"(+{SMALL_STAGE_CPUS} per prompt, gate and engine client actor)",
         "raise ray.num_cpus (logical CPUs may exceed cores) or lower convert.vllm.cpus_per_engine")
 
 

@@ -83,7 +83,7 @@ class Converted:
     sampling: str
     """JSON of the sampling parameters used."""
     response_ids: str
-    """JSON list of the endpoint's response ids, one per task (engine openai); empty for vllm and regex."""
+    """JSON list of the engine's response ids, one per task (engines openai and vllm); empty for regex."""
     input_tokens: int
     """Prompt tokens sent to the engine, summed over tasks."""
     output_tokens: int

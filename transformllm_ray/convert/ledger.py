@@ -41,9 +41,9 @@ from transformllm_ray.storage import (
 )
 
 STAGE = "convert"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the converted/ and pending/ record schemas, in the stage fingerprint: output written with an
-older schema is never resumed into (2: `response_ids`)."""
+older schema is never resumed into (2: `response_ids`; 3: the vLLM engine's response ids too)."""
 EXCERPT = 200
 """Characters of a rejected chunk's output kept in its reject row."""
 PENDING_SCHEMA = pa.schema([pa.field("id", pa.string(), False), pa.field("doc_id", pa.string(), False),
@@ -104,13 +104,14 @@ class Ledger:
         """Committed part files of converted/, rejects/ or pending/."""
         return [self._part(sub, m["key"]) for m in self.markers() if sub in m.get("files", [])]
 
-    def done_ids_ds(self):
-        """Ray Data Dataset (column `id`) of the chunk ids in committed converted/ and rejects/ files, read by
-        workers; None if nothing is committed."""
+    def done_ids_ds(self, with_pending: bool = False):
+        """Ray Data Dataset (column `id`) of the chunk ids in committed converted/ and rejects/ files (and
+        pending/ ones: what the first pass must not redo), read by workers; None if nothing is committed."""
         from transformllm_ray.dataops import map_files
 
         parts = [map_files(self.part_files("converted"), _id_column, {"column": "id"}),
-                 map_files(self.part_files("rejects"), _id_column, {"column": "ref"})]
+                 map_files(self.part_files("rejects"), _id_column, {"column": "ref"}),
+                 map_files(self.part_files("pending"), _id_column, {"column": "id"}) if with_pending else None]
         parts = [p for p in parts if p is not None]
         if not parts:
             return None

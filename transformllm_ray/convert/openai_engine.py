@@ -134,7 +134,7 @@ class OpenAIChat(BatchUDF):
         n = len(batch["chunk_id"])
         rows = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()} for i in range(n)]
         answers = self.loop.run_until_complete(self._all(rows))
-        out: dict[str, list] = {c: [] for c in (*OUT_COLUMNS, "response_id", "served_model")}
+        out: dict[str, list] = {c: [] for c in (*OUT_COLUMNS, "served_model")}
         for row, ans in zip(rows, answers):
             full = {**row, "prompt_truncated": False, **ans}
             for c in out:

@@ -27,6 +27,7 @@ the stage fails before writing stats.json (its completion marker): rows_in = row
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -34,7 +35,7 @@ from typing import Any
 
 from transformllm_ray.config import Config
 from transformllm_ray.console import say
-from transformllm_ray.convert.assemble import Budget, engine_pass, engine_seconds
+from transformllm_ray.convert.assemble import Budget, BudgetReached, engine_pass, engine_seconds
 from transformllm_ray.convert.card import write_card
 from transformllm_ray.convert.ledger import PENDING_SCHEMA, SCHEMA_VERSION, STAGE, Ledger, reconcile
 from transformllm_ray.convert.prompts import db_of, prompt_spec, sample_families
@@ -80,9 +81,10 @@ def inputs(cfg: Config) -> dict:
 
 # ------------------------------------------------------------------------------------------- passes
 def todo_ds(sel: Selection, ledger: Ledger, resuming: bool):
-    """Pass 1 input: the selected chunk rows, minus the committed ones when resuming."""
+    """Pass 1 input: the selected chunk rows, minus the committed ones (done or waiting for their retry) when
+    resuming."""
     ds = chunks_ds(sel)
-    done = ledger.done_ids_ds() if resuming else None
+    done = ledger.done_ids_ds(with_pending=True) if resuming else None
     return anti_join(ds, done, chunk_schema()) if done is not None else ds
 
 
@@ -104,7 +106,30 @@ def _retry(cfg: Config, ledger: Ledger, db, engine: dict, extra: dict, budget: B
         return []
     say(f"[convert] pass 2: retrying the failed tasks of {waiting} chunks with convert.retry_sampling")
     extra["retried_chunks"] = waiting
-    return [engine_pass(cfg, retry_ds(ledger), waiting, 2, ledger, db, engine, budget)]
+    return [_pass(cfg, lambda: (retry_ds(ledger), ledger.counts()[1]), 2, ledger, db, engine, budget, extra)]
+
+
+def _pass(cfg: Config, todo, attempt: int, ledger: Ledger, db, engine: dict, budget: Budget, extra: dict) -> dict:
+    """One engine pass; should an engine replica die in it (killed, OOM, node lost), Serve restarts it and the
+    pass is redone from the ledger: committed chunks are kept, only the uncommitted ones run again (at most
+    `vllm.max_restarts` times per pass; -1: no limit). `todo()` -> (input dataset, chunks), read afresh."""
+    service = engine.get("service")
+    limit = cfg.convert.vllm.max_restarts
+    while True:
+        ds, n = todo()
+        try:
+            return engine_pass(cfg, ds, n, attempt, ledger, db, engine, budget)
+        except BudgetReached:
+            raise
+        except Exception as e:
+            if service is None or not service.lost(e) or (0 <= limit <= extra["engine_restarts"]):
+                raise
+            extra["engine_restarts"] += 1
+            log.warning("convert pass %d: engine lost (%s: %s)", attempt, type(e).__name__, str(e)[:2000])
+            say(f"[convert] pass {attempt}: an engine was lost; redoing its uncommitted chunks once Serve has "
+                f"restarted it ({extra['engine_restarts']} so far)")
+            service.wait_ready()
+            ledger.recover()
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -127,7 +152,7 @@ def run(cfg: Config) -> dict:
 
     passes: list[dict] = []
     extra: dict[str, Any] = {"engine": c.engine, "prompt_version": db.version_tag, "resumed_done": done,
-                             "resumed_pending": pending, "retried_chunks": 0}
+                             "resumed_pending": pending, "retried_chunks": 0, "engine_restarts": 0}
     resuming = bool(done or pending)
     budget = Budget(c, ledger.markers())
     if (n_todo or pending) and c.engine != "regex" and budget.exhausted():
@@ -137,32 +162,45 @@ def run(cfg: Config) -> dict:
         if n_todo:
             passes.append(regex_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, ledger, spec))
     else:
+        service: Any = contextlib.nullcontext()
         if c.engine == "openai":
             from transformllm_ray.convert.openai_engine import endpoint_label
 
             o = c.openai
-            engine = {"kind": "openai", "model": o.model or c.model, "revision": endpoint_label(o.base_url or ""),
+            engine: dict[str, Any] = {"kind": "openai", "model": o.model or c.model, "revision": endpoint_label(o.base_url or ""),
                       "prompts": spec, "device": "endpoint"}
             where = (f"to {engine['model']} at {engine['revision']} ({o.num_clients} client(s) x "
                      f"{o.max_concurrency} requests)")
         else:
+            from transformllm_ray.convert.vllm_engine import EngineService, app_name
             from transformllm_ray.models.assets import model_revision, resolve_model
 
             device = convert_device(cfg, cluster_gpus())
             check_convert_room(cfg, device)
+            app = app_name(cfg.stage_dir(STAGE))
             engine = {"kind": "vllm", "model": c.model, "revision": model_revision(c.model, c.model_revision),
-                      "prompts": spec, "model_path": resolve_model(c.model), "device": device}
+                      "prompts": spec, "device": device, "app": app}
             where = f"on {c.vllm.num_engines} {device} engine(s) of {c.model}"
+            if n_todo or pending:  # one start-up for every pass of this run
+                say(f"[convert] starting {c.vllm.num_engines} {device} engine(s) of {c.model} (Ray Serve "
+                    f"application {app})")
+                service = EngineService(cfg, resolve_model(c.model), device, app)
         extra.update(model=engine["model"], model_revision=engine["revision"], device=engine["device"])
-        if n_todo:
-            say(f"[convert] pass 1: {n_todo} chunks x {c.tasks_per_chunk} tasks {where}")
-            passes.append(engine_pass(cfg, todo_ds(sel, ledger, resuming), n_todo, 1, ledger, db, engine,
-                                      budget))
-        passes += _retry(cfg, ledger, db, engine, extra, budget)
+        t_start = time.time()
+        with service as running:
+            engine["service"] = running
+            extra["engine_start_seconds"] = round(time.time() - t_start, 3)
+            engine["since"] = t_start  # the first commit's engine time (the cost) includes the start-up
+            if n_todo:
+                say(f"[convert] pass 1: {n_todo} chunks x {c.tasks_per_chunk} tasks {where}")
+                passes.append(_pass(cfg, lambda: (todo_ds(sel, ledger, True), sel.selected - sum(ledger.counts())),
+                                    1, ledger, db, engine, budget, extra))
+            passes += _retry(cfg, ledger, db, engine, extra, budget)
     final = reconcile(ledger, sel)
     markers = ledger.markers()
     run_out = sum(p["output_tokens"] for p in passes)
-    run_secs = sum(p["seconds"] for p in passes)
+    # the passes' wall time plus the one engine start-up before them
+    run_secs = sum(p["seconds"] for p in passes) + (extra.get("engine_start_seconds", 0.0) if passes else 0.0)
     stats = {
         "rows_in": sel.selected, **final, **sel.stats, **extra,
         # Engine tokens of all committed work (every pass, every run), from the commit markers.
@@ -173,7 +211,8 @@ def run(cfg: Config) -> dict:
         "output_tokens_this_run": run_out,
         "output_tokens_per_s": round(run_out / run_secs, 2) if run_secs > 0 else 0.0,
         "engine_seconds": round(run_secs, 3),
-        "seconds_to_first_output": round(passes[0].get("seconds_to_first_output", 0.0), 3) if passes else 0.0,
+        "seconds_to_first_output": round(passes[0].get("seconds_to_first_output", 0.0) + extra.get(
+            "engine_start_seconds", 0.0), 3) if passes else 0.0,
         "prompts_truncated": sum(p.get("prompts_truncated", 0) for p in passes),
         "engine_errors": sum(p.get("engine_errors", 0) for p in passes),
         "commits": len(markers), "rows_per_file": c.rows_per_file, "tasks_per_chunk": c.tasks_per_chunk,
