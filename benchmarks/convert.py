@@ -15,7 +15,8 @@ Same cores (CPU): the whole benchmark, and so Ray, the driver, Ray Data and (b)'
 `--other-cores`; the engine's compute threads are bound to `--engine-cores` in both (VLLM_CPU_OMP_THREADS_BIND,
 through `convert.vllm.env` for (a)). On a GPU both get the same GPU.
 Figures: steady-state output tokens/s (all output tokens / time from the first finished answer to the
-last) and end-to-end (all output tokens / wall time from the start: (a) the stage with its engine start-up,
+last; null when the answers finished nearly together, i.e. a job not much larger than what the engine holds
+at once) and end-to-end (all output tokens / wall time from the start: (a) the stage with its engine start-up,
 (b) the process with its imports and load). Targets: a/b >= 0.90 steady-state, >= 0.85 end-to-end.
 
 `--shape mistral-7b` writes a config-only model folder (Mistral-7B-v0.1's shape, the SmolLM2 tokenizer) and
@@ -78,6 +79,13 @@ def cores(spec: str) -> list[int]:
         lo, _, hi = part.partition("-")
         out += list(range(int(lo), int(hi or lo) + 1))
     return out
+
+
+def steady(tokens: int, first: float, end: float) -> float | None:
+    """Output tokens/s after the first finished answer; None when the answers finished nearly together (every
+    prompt in flight at once: first to last is then a few seconds of a long run and the figure means nothing)."""
+    span = end - first
+    return tokens / span if span >= max(10.0, 0.25 * end) else None
 
 
 def stage_prompts(cfg) -> list[list[int]]:
@@ -187,9 +195,9 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
     a_tokens = stats["output_tokens_this_run"]
-    a_steady = a_tokens / (stats["engine_seconds"] - stats["seconds_to_first_output"])
+    a_steady = steady(a_tokens, stats["seconds_to_first_output"], stats["engine_seconds"])
     a_e2e = a_tokens / a_wall
-    b_steady = b["output_tokens"] / (b["end_seconds"] - b["first_output_seconds"])
+    b_steady = steady(b["output_tokens"], b["first_output_seconds"], b["end_seconds"])
     b_e2e = b["output_tokens"] / b["process_seconds"]
     out = {
         "device": device, "model": args.shape or model, "prompts": len(prompts),
@@ -200,12 +208,12 @@ def main() -> None:
         "a_stage": {"output_tokens": a_tokens, "stage_seconds": round(a_wall, 2),
                     "engine_start_seconds": stats.get("engine_start_seconds"),
                     "seconds_to_first_output": stats["seconds_to_first_output"],
-                    "engine_seconds": stats["engine_seconds"], "steady_tokens_per_s": round(a_steady, 1),
+                    "engine_seconds": stats["engine_seconds"], "steady_tokens_per_s": a_steady and round(a_steady, 1),
                     "end_to_end_tokens_per_s": round(a_e2e, 1), "rows_ok": stats["rows_out"],
                     "rows_rejected": stats["rows_rejected"]},
-        "b_bare_vllm": {**{k: round(v, 2) for k, v in b.items()}, "steady_tokens_per_s": round(b_steady, 1),
+        "b_bare_vllm": {**{k: round(v, 2) for k, v in b.items()}, "steady_tokens_per_s": b_steady and round(b_steady, 1),
                         "end_to_end_tokens_per_s": round(b_e2e, 1)},
-        "ratio_steady_a_over_b": round(a_steady / b_steady, 3),
+        "ratio_steady_a_over_b": round(a_steady / b_steady, 3) if a_steady and b_steady else None,
         "ratio_end_to_end_a_over_b": round(a_e2e / b_e2e, 3),
         "cpus": os.cpu_count(), "machine": platform.machine(),
     }
@@ -213,7 +221,8 @@ def main() -> None:
         import torch
 
         out["gpu"] = torch.cuda.get_device_name(0)
-        out["output_tokens_per_s_per_gpu"] = round(a_steady / cfg.convert.vllm.tensor_parallel_size, 1)
+        rate = a_steady or a_e2e
+        out["output_tokens_per_s_per_gpu"] = round(rate / cfg.convert.vllm.tensor_parallel_size, 1)
     print(json.dumps(out, indent=2))
 
 
