@@ -221,8 +221,9 @@ def main() -> None:
         import torch
 
         out["gpu"] = torch.cuda.get_device_name(0)
-        rate = a_steady or a_e2e
-        out["output_tokens_per_s_per_gpu"] = round(rate / cfg.convert.vllm.tensor_parallel_size, 1)
+        # steady state per GPU, as vLLM publishes it; null (not the end-to-end rate) when not measurable
+        tp = cfg.convert.vllm.tensor_parallel_size
+        out["output_tokens_per_s_per_gpu"] = a_steady and round(a_steady / tp, 1)
     print(json.dumps(out, indent=2))
 
 

@@ -5,8 +5,8 @@ through AWS_ENDPOINT_URL and the standard credential variables (set by conftest 
 reaches MinIO, Ceph RGW or R2. Real licence texts (JSONL, one of them gzipped) and real package READMEs
 (Parquet) are uploaded; then ingest, convert (the regex engine; the vLLM engine on S3 is the SmolLM2 test of
 tests/convert/test_stage_vllm.py), pack, train with sharded checkpoints, a SIGKILL of a training worker and a
-rerun that resumes from the checkpoint on S3, the HF export (downloaded and loaded by transformers), eval and the report with its
-PNGs. Finally every object in the bucket is read: the secret key is in none of them (nor in Ray's logs), and
+rerun that resumes from the checkpoint on S3, the HF export (downloaded and loaded by transformers), eval and
+the report with its PNGs. Finally every object in the bucket is read: the secret key is in none of them (nor in Ray's logs), and
 nothing was written to local disk where an s3:// path would land if treated as local.
 
     .venv/bin/python -m pytest tests/test_s3.py -x -q

@@ -17,6 +17,7 @@ import pytest
 
 from tests.convert.test_engine import _engine_pids
 from tests.helpers import start_cli_and_kill, write_config
+from tests.test_s3 import LOCAL_LOOKALIKES
 from transformllm_ray.config import load_config
 from transformllm_ray.schema import Converted, Reject, arrow_schema
 from transformllm_ray.stage import run_stage
@@ -36,8 +37,9 @@ def _config(tmp_path, model, max_chunks, rows_per_file=4, output_dir=None, **con
             "rows_per_file": rows_per_file, "sampling": {"max_tokens": 32, "temperature": 1.0},
             "vllm": {"device": "cpu", "enforce_eager": True, "max_model_len": 512, "batch_size": 4}}
     conv.update(convert)
+    where = {"output_dir": output_dir} if output_dir else {}  # write_config's default: tmp_path/out
     return write_config(tmp_path, input={"builtin": "licensedcode", "max_files": 60}, ingest={"chunk_tokens": 200},
-                        convert=conv, output_dir=output_dir or str(tmp_path / "out"))
+                        convert=conv, **where)
 
 
 def _outputs(out):
@@ -173,4 +175,4 @@ def test_smollm2_demo_model_on_s3_converts_real_chunks_with_one_engine_for_both_
     # Every commit (markers, parts) is on S3; nothing was written where the URI would land if read as local.
     commits = list_files(f"{out}/convert/_commits", ".json")
     assert len(commits) == stats["commits"] >= 2 and all(c.startswith(f"{out}/convert/_commits/") for c in commits)
-    assert not os.path.exists("s3:") and not os.path.exists("tlr")
+    assert not [n for n in LOCAL_LOOKALIKES if os.path.exists(n)]
