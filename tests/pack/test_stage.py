@@ -121,29 +121,32 @@ def test_pack_group_unit(tmp_path):
     assert m["raw_superseded"] == 1 and m["waste"] == 0 and m["rows"] == {"domain": 1, "raw": 1, "general": 1}
 
 
-def test_raw_chunks_of_converted_documents_are_superseded(ingested, tmp_path):
-    """Converted chunks replace the raw chunks of their whole document; raw chunks of other documents stay."""
-    path = _config(ingested, tmp_path, "raw", decontaminate={"enabled": False})  # rows rejected: its own test
-    cfg = load_config(path)
-    conv = run_stage(cfg, "convert")
-    stats = pack.run(cfg)
-    converted = pq.read_table(f"{cfg.output_dir}/convert/converted")
-    conv_docs = set(converted["doc_id"].to_pylist())
+def _check_raw_superseded(cfg, conv, stats):
+    """Converted chunks replace the raw chunks of their whole document; raw chunks of other documents stay.
+    Decontamination runs first, per row: a contaminated row is neither packed nor, if converted, superseding."""
+    rejects = pq.read_table(f"{cfg.output_dir}/pack/rejects").to_pylist()
+    dirty = {(r["detail"].split(" ", 1)[0], r["ref"]) for r in rejects if r["reason"] == "contaminated"}
+    assert sum(1 for r in rejects if r["reason"] == "contaminated") == stats["reject_reasons"]["contaminated"]
+    converted = pq.read_table(f"{cfg.output_dir}/convert/converted").to_pylist()
+    kept = [c for c in converted if ("domain", c["id"]) not in dirty]
+    assert stats["domain_rows"] == len(kept) == conv["rows_out"] - sum(k == "domain" for k, _ in dirty) > 0
+    conv_docs = {c["doc_id"] for c in kept}
     chunks = pq.read_table(f"{cfg.output_dir}/ingest/chunks").to_pylist()
-    raw_of_converted = [c for c in chunks if c["doc_id"] in conv_docs and c["kind"] == "domain"]
-    assert stats["domain_rows"] == conv["rows_out"] == converted.num_rows
+    eligible_raw = [c for c in chunks if c["kind"] == "domain" and c["split"] != "heldout"
+                    and ("raw", c["id"]) not in dirty]
+    raw_of_converted = [c for c in eligible_raw if c["doc_id"] in conv_docs]
     assert stats["reject_reasons"]["raw_superseded"] == len(raw_of_converted) > 0
-    eligible_raw = [c for c in chunks if c["kind"] == "domain" and c["split"] != "heldout"]
-    assert stats["raw_rows"] == len(eligible_raw) - len(raw_of_converted)
+    assert stats["raw_rows"] == len(eligible_raw) - len(raw_of_converted) > 0
     assert stats["rows_in"] == stats["rows_out"] + stats["rows_rejected"]
 
 
 def test_kill_mid_pack_then_rerun_gives_the_same_sequences(ingested, tmp_path):
     """kill -9 the pack job at a random moment (tokenising or packing), rerun: the same sequences as an
-    uninterrupted run."""
+    uninterrupted run, which also shows raw chunks superseded by converted ones (one convert and pack less)."""
     ref_cfg = load_config(_config(ingested, tmp_path, "ref"))
-    run_stage(ref_cfg, "convert")  # `transformllm pack` packs a finished convert's output (stage.upstream)
+    conv = run_stage(ref_cfg, "convert")  # `transformllm pack` packs a finished convert's output (stage.upstream)
     ref = pack.run(ref_cfg)
+    _check_raw_superseded(ref_cfg, conv, ref)
     path = _config(ingested, tmp_path, "killed")
     cfg = load_config(path)
     shutil.copytree(f"{ref_cfg.output_dir}/convert", f"{cfg.output_dir}/convert")  # same inputs, same output
