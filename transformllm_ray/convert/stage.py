@@ -172,7 +172,7 @@ def run(cfg: Config) -> dict:
             where = (f"to {engine['model']} at {engine['revision']} ({o.num_clients} client(s) x "
                      f"{o.max_concurrency} requests)")
         else:
-            from transformllm_ray.convert.vllm_engine import EngineService, app_name
+            from transformllm_ray.convert.vllm_engine import EngineService, app_name, engine_dtype
             from transformllm_ray.models.assets import model_revision, resolve_model
 
             device = convert_device(cfg, cluster_gpus())
@@ -181,6 +181,7 @@ def run(cfg: Config) -> dict:
             engine = {"kind": "vllm", "model": c.model, "revision": model_revision(c.model, c.model_revision),
                       "prompts": spec, "device": device, "app": app}
             where = f"on {c.vllm.num_engines} {device} engine(s) of {c.model}"
+            extra["dtype"] = engine_dtype(c.vllm.dtype, device)  # `auto` as resolved on this machine
             if n_todo or pending:  # one start-up for every pass of this run
                 say(f"[convert] starting {c.vllm.num_engines} {device} engine(s) of {c.model} (Ray Serve "
                     f"application {app})")

@@ -210,10 +210,27 @@ class QualityGate:
 
 
 # ------------------------------------------------------------------------------------------- 3. engine
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this machine's CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def engine_dtype(dtype: str, device: str) -> str:
+    """`vllm.dtype` resolved: `auto` is bfloat16 except on a CPU without bf16 instructions (float32)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" or cpu_has_bf16() else "float32"
+
+
 def engine_kwargs(cfg: Config, device: str) -> dict[str, Any]:
     v = cfg.convert.vllm
-    kw: dict[str, Any] = {"max_model_len": v.max_model_len, "dtype": v.dtype, "enforce_eager": v.enforce_eager,
-                          "tensor_parallel_size": v.tensor_parallel_size}
+    kw: dict[str, Any] = {"max_model_len": v.max_model_len, "dtype": engine_dtype(v.dtype, device),
+                          "enforce_eager": v.enforce_eager, "tensor_parallel_size": v.tensor_parallel_size}
     if device == "cuda":
         kw["gpu_memory_utilization"] = v.gpu_memory_utilization
     else:
