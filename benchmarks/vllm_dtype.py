@@ -8,7 +8,7 @@ Each dtype runs in its own process, one after the other (never both at once): `v
 then one `generate` over every prompt (random token ids, a fixed seed: the same prompts for each dtype),
 greedy, `ignore_eos`, `--max-tokens` new tokens each. Figures per dtype: load seconds, generate seconds,
 prompt + output tokens/s of generate; the ratio is each dtype's generate time against the first one's.
-On CPU the engine gets every core (VLLM_CPU_OMP_THREADS_BIND unset: vLLM's default binding).
+On CPU the engine binds threads as the environment says (VLLM_CPU_OMP_THREADS_BIND; unset: vLLM's default).
 Prints one JSON summary; record it in benchmarks/RESULTS.md.
 """
 
@@ -18,9 +18,9 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
-import time
+import tempfile
+
+from benchmarks.convert import run_bare
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -29,7 +29,7 @@ ONE_DTYPE = r"""
 import json, random, sys, time
 
 def main():
-    spec = json.loads(sys.argv[1])
+    spec = json.load(open(sys.argv[1]))
     t0 = time.time()
     from vllm import LLM, SamplingParams
     llm = LLM(spec["model"], dtype=spec["dtype"], enforce_eager=True, max_model_len=spec["max_model_len"])
@@ -66,14 +66,11 @@ def main() -> None:
             "vocab": len(load_tokenizer(model))}
     runs: dict[str, dict] = {}
     for dtype in args.dtypes.split(","):
-        t0 = time.time()
-        r = subprocess.run([sys.executable, "-c", ONE_DTYPE, json.dumps({**spec, "dtype": dtype})],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{dtype} failed:\n{r.stderr[-3000:]}")
-        res = json.loads(r.stdout.split("RESULT", 1)[1].splitlines()[0])
+        with tempfile.TemporaryDirectory(prefix="bench-dtype-") as tmp:
+            res = run_bare(ONE_DTYPE, {**spec, "dtype": dtype}, tmp, dtype, {})
         tokens = args.prompts * args.prompt_tokens + res["output_tokens"]
-        runs[dtype] = {"process_seconds": round(time.time() - t0, 1), "load_seconds": round(res["load_seconds"], 1),
+        runs[dtype] = {"process_seconds": round(res["process_seconds"], 1),
+                       "load_seconds": round(res["load_seconds"], 1),
                        "generate_seconds": round(res["generate_seconds"], 1), "output_tokens": res["output_tokens"],
                        "tokens_per_s": round(tokens / res["generate_seconds"], 1)}
     base = next(iter(runs.values()))["generate_seconds"]

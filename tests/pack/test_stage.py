@@ -125,8 +125,9 @@ def _check_raw_superseded(cfg, conv, stats):
     """Converted chunks replace the raw chunks of their whole document; raw chunks of other documents stay.
     Decontamination runs first, per row: a contaminated row is neither packed nor, if converted, superseding."""
     rejects = pq.read_table(f"{cfg.output_dir}/pack/rejects").to_pylist()
-    dirty = {(r["detail"].split(" ", 1)[0], r["ref"]) for r in rejects if r["reason"] == "contaminated"}
-    assert sum(1 for r in rejects if r["reason"] == "contaminated") == stats["reject_reasons"]["contaminated"]
+    contaminated = [r for r in rejects if r["reason"] == "contaminated"]
+    assert len(contaminated) == stats["reject_reasons"]["contaminated"]
+    dirty = {(r["detail"].split(" ", 1)[0], r["ref"]) for r in contaminated}  # detail: "<kind> text shares ..."
     converted = pq.read_table(f"{cfg.output_dir}/convert/converted").to_pylist()
     kept = [c for c in converted if ("domain", c["id"]) not in dirty]
     assert stats["domain_rows"] == len(kept) == conv["rows_out"] - sum(k == "domain" for k, _ in dirty) > 0
