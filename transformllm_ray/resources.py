@@ -26,10 +26,8 @@ from typing import Any
 
 from transformllm_ray.config import Config
 
-TASK_CPUS = 1.0
-"""CPUs of a small Ray Data task of ours (reading our own parts, tagging ids for a join). A whole CPU for the
-reason SHUFFLE_TASK_CPUS gives: at 0.25, reading back convert's 48 committed parts started 8 fresh Ray workers
-(each importing pyarrow and our modules) and took 18 s on 2 cores; at 1.0, 5 s (benchmarks/RESULTS.md)."""
+TASK_CPUS = 0.25
+"""CPUs of a small Ray Data task of ours (reading our own parts, tagging ids for a join)."""
 SHUFFLE_TASK_CPUS = 1.0
 """CPUs of a near-dup map-reduce task (ingest/neardup.py). A whole CPU on purpose: at most one task per CPU
 runs, so the few workers Ray keeps warm take every task in turn; at 0.25 Ray started a fresh worker for most
