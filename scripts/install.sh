@@ -19,8 +19,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 # uv resolves and installs the same versions as pip in a fraction of the time (a clean install with bytecode:
-# ~70 s against ~190 s with pip on the 2-core dev VM, see benchmarks/RESULTS.md); pip stays the fallback where uv cannot be had
-# (INSTALLER=pip forces it).
+# ~70 s against ~190 s with pip on the 2-core dev VM, see benchmarks/RESULTS.md); pip stays the fallback where
+# uv cannot be had (INSTALLER=pip forces it).
 installer=${INSTALLER:-uv}
 if [ "$installer" = uv ] && "$VENV/bin/python" -m pip install --disable-pip-version-check -q "uv>=0.9,<1"; then
   # --compile-bytecode: pip compiles .pyc files at install, uv does not by default; where
